@@ -1,0 +1,5 @@
+import sys
+
+from s3cache.cli import main
+
+sys.exit(main())

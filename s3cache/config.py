@@ -1,0 +1,264 @@
+"""Settings: one frozen object, loaded once at start-up.
+
+Sources, lowest to highest precedence: defaults < TOML file (``--config``) <
+``S3CACHE_*`` environment variables < command-line flags. Every setting has one name,
+spelled the same way everywhere: ``cache_size`` is ``cache_size = "500GiB"`` in TOML,
+``S3CACHE_CACHE_SIZE`` in the environment and ``--cache-size`` on the command line.
+
+Nothing outside this module reads the environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import re
+import tomllib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "S3CACHE_"
+
+
+class ConfigError(ValueError):
+    """A setting has a value that cannot be used; the message names the setting."""
+
+
+# --- value parsers -------------------------------------------------------------------
+
+_SIZE_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1000,
+    "kb": 1000,
+    "m": 1000**2,
+    "mb": 1000**2,
+    "g": 1000**3,
+    "gb": 1000**3,
+    "t": 1000**4,
+    "tb": 1000**4,
+    "kib": 1024,
+    "mib": 1024**2,
+    "gib": 1024**3,
+    "tib": 1024**4,
+}
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_NUMBER_UNIT = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
+
+
+def parse_size(text: str | int) -> int:
+    """``"500GiB"`` -> bytes. Binary (KiB, MiB…) and decimal (KB, MB…) units."""
+    if isinstance(text, int):
+        return int(_non_negative(text))
+    match = _NUMBER_UNIT.match(text)
+    unit = match.group(2).lower() if match else None
+    if match is None or unit not in _SIZE_UNITS:
+        raise ValueError(f"not a size: {text!r} (use e.g. 512MiB, 500GiB, 1TB)")
+    return int(float(match.group(1)) * _SIZE_UNITS[unit])
+
+
+def parse_duration(text: str | int | float) -> float:
+    """``"10m"`` -> seconds. Units ms, s, m, h, d; a bare number is seconds."""
+    if isinstance(text, int | float):
+        return float(_non_negative(text))
+    match = _NUMBER_UNIT.match(text)
+    unit = (match.group(2).lower() or "s") if match else None
+    if match is None or unit not in _DURATION_UNITS:
+        raise ValueError(f"not a duration: {text!r} (use e.g. 500ms, 30s, 10m, 1h, 7d)")
+    return float(match.group(1)) * _DURATION_UNITS[unit]
+
+
+def parse_bool(text: str | bool) -> bool:
+    if isinstance(text, bool):
+        return text
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"not a boolean: {text!r} (use true or false)")
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """``"127.0.0.1:8080"``, ``"[::1]:8080"`` or ``":8080"`` -> (host, port)."""
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ValueError(f"not HOST:PORT: {text!r}")
+    return host.strip("[]") or "0.0.0.0", int(port_text)
+
+
+def parse_choice(*choices: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        if text not in choices:
+            raise ValueError(f"{text!r} is not one of {', '.join(choices)}")
+        return text
+
+    return parse
+
+
+def _non_negative(value: int | float) -> int | float:
+    if value < 0:
+        raise ValueError(f"must not be negative: {value}")
+    return value
+
+
+def _positive_int(text: str | int) -> int:
+    value = int(text)
+    if value <= 0:
+        raise ValueError(f"must be a positive integer: {text!r}")
+    return value
+
+
+def _optional_str(text: str) -> str | None:
+    return text or None
+
+
+def _path_list(text: str | Sequence[str]) -> tuple[Path, ...]:
+    items = text.split(",") if isinstance(text, str) else list(text)
+    paths = tuple(Path(item.strip()) for item in items if item.strip())
+    if not paths:
+        raise ValueError("needs at least one directory")
+    return paths
+
+
+def _str_list(text: str | Sequence[str]) -> tuple[str, ...]:
+    items = text.split(",") if isinstance(text, str) else list(text)
+    return tuple(item.strip().lower() for item in items if item.strip())
+
+
+# --- the settings object -------------------------------------------------------------
+
+
+def _setting(default: Any, parse: Callable[[Any], Any], help: str, *, repeat: bool = False) -> Any:
+    """A dataclass field carrying its parser and help text (read by the loader)."""
+    return field(default=default, metadata={"parse": parse, "help": help, "repeat": repeat})
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Settings:
+    """Every setting of s3cache. Field names are the TOML keys; flags and environment
+    variables derive from them."""
+
+    listen: tuple[str, int] = _setting(
+        ("127.0.0.1", 8080), parse_listen, "address to serve S3 on, HOST:PORT"
+    )
+    virtual_host_domains: tuple[str, ...] = _setting(
+        (),
+        _str_list,
+        "domain(s) for virtual-host addressing: a request to BUCKET.DOMAIN addresses BUCKET",
+        repeat=True,
+    )
+    upstream_endpoint: str | None = _setting(
+        None, _optional_str, "upstream S3 endpoint URL (default: AWS S3 of the region)"
+    )
+    upstream_region: str = _setting("us-east-1", str, "upstream region, used for signing")
+    upstream_profile: str | None = _setting(
+        None, _optional_str, "AWS profile for upstream credentials (default chain otherwise)"
+    )
+    upstream_addressing: str = _setting(
+        "auto",
+        parse_choice("auto", "path", "virtual"),
+        "how s3cache addresses the upstream: path, virtual, or auto "
+        "(virtual for AWS, path for a custom endpoint)",
+    )
+    upstream_max_connections: int = _setting(
+        64, _positive_int, "connections to the upstream, at most"
+    )
+    upstream_connect_timeout: float = _setting(
+        10.0, parse_duration, "time allowed to connect to the upstream"
+    )
+    upstream_read_timeout: float = _setting(
+        60.0, parse_duration, "time allowed between two reads from the upstream"
+    )
+    upstream_verify_tls: bool = _setting(True, parse_bool, "verify the upstream's certificate")
+    upstream_ca_bundle: Path | None = _setting(
+        None, lambda t: Path(t) if t else None, "CA bundle file to verify the upstream with"
+    )
+    cache_dirs: tuple[Path, ...] = _setting(
+        (Path("s3cache-data"),),
+        _path_list,
+        "cache directory; repeat (or comma-separate) for one per drive",
+        repeat=True,
+    )
+    cache_size: int = _setting(10 * 1024**3, parse_size, "bytes the cache may use, all dirs")
+    block_size: int = _setting(8 * 1024**2, parse_size, "cache block size")
+    log_level: str = _setting(
+        "info", parse_choice("debug", "info", "warning", "error"), "log level"
+    )
+
+    def __post_init__(self) -> None:
+        if self.block_size < 64 * 1024:
+            raise ConfigError("block_size: must be at least 64KiB")
+
+
+# Flags whose name is not derived from the field name, kept for operators' muscle memory.
+_FLAG_NAMES = {"cache_dirs": "--cache-dir", "virtual_host_domains": "--virtual-host-domain"}
+
+
+def _flag(name: str) -> str:
+    return _FLAG_NAMES.get(name, "--" + name.replace("_", "-"))
+
+
+def env_name(name: str) -> str:
+    return ENV_PREFIX + name.upper()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add ``--config`` and one flag per setting; unset flags stay ``None``."""
+    parser.add_argument("--config", type=Path, help="TOML settings file")
+    for spec in dataclasses.fields(Settings):
+        kwargs: dict[str, Any] = {"dest": spec.name, "default": None}
+        if spec.metadata["repeat"]:
+            kwargs["action"] = "append"
+        parser.add_argument(_flag(spec.name), help=spec.metadata["help"], **kwargs)
+
+
+def load_settings(
+    flags: argparse.Namespace | None = None, environ: Mapping[str, str] | None = None
+) -> Settings:
+    """Merge the four sources into a validated Settings; raise ConfigError naming the
+    first bad setting."""
+    environ = os.environ if environ is None else environ
+    flag_values = vars(flags) if flags is not None else {}
+    config_path = flag_values.get("config") or environ.get(env_name("config"))
+    raw: dict[str, tuple[str, Any]] = {}
+    if config_path:
+        for key, value in _read_toml(Path(config_path)).items():
+            raw[key] = (f"{key} in {config_path}", value)
+    for spec in dataclasses.fields(Settings):
+        if env_name(spec.name) in environ:
+            raw[spec.name] = (env_name(spec.name), environ[env_name(spec.name)])
+        flag_value = flag_values.get(spec.name)
+        if flag_value is not None:
+            raw[spec.name] = (_flag(spec.name), flag_value)
+    return Settings(**_parse_all(raw))
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as file:
+            data = tomllib.load(file)
+    except OSError as exc:
+        raise ConfigError(f"config: cannot read {path}: {exc.strerror}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config: {path} is not valid TOML: {exc}") from exc
+    return {key.replace("-", "_"): value for key, value in data.items()}
+
+
+def _parse_all(raw: dict[str, tuple[str, Any]]) -> dict[str, Any]:
+    known = {spec.name: spec for spec in dataclasses.fields(Settings)}
+    values: dict[str, Any] = {}
+    for name, (origin, value) in raw.items():
+        spec = known.get(name)
+        if spec is None:
+            raise ConfigError(f"{origin}: unknown setting")
+        if spec.metadata["repeat"] and isinstance(value, list):
+            value = [part for item in value for part in str(item).split(",")]
+        try:
+            values[name] = spec.metadata["parse"](value)
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"{origin}: {exc}") from exc
+    return values

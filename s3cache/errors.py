@@ -1,0 +1,102 @@
+"""The errors s3cache itself answers with, one class per S3 error code.
+
+    S3Error                      any error a client sees as an S3 error document
+    ├── InvalidArgument          400  a request parameter is malformed
+    ├── InvalidRequest           400  the request cannot be parsed or is not allowed
+    ├── InvalidBucketName        400  the bucket name breaks S3's naming rules
+    ├── KeyTooLongError          400  the key is longer than 1,024 bytes
+    ├── IncompleteBody           400  the body ended before its declared length
+    ├── AccessDenied             403
+    ├── NoSuchKey                404
+    ├── MethodNotAllowed         405
+    ├── InvalidRange             416  the Range cannot be satisfied
+    ├── InternalError            500  a fault of s3cache itself
+    └── ServiceUnavailable       503  the upstream cannot be reached
+
+Errors that the upstream answers pass through as the upstream sent them; these classes
+are for what s3cache decides on its own. The one place that turns an exception into a
+response is ``server.middleware``; the one place that renders the XML is
+:func:`error_document`.
+
+Codes and statuses: https://docs.aws.amazon.com/AmazonS3/latest/API/ErrorResponses.html
+"""
+
+from __future__ import annotations
+
+from xml.sax.saxutils import escape
+
+
+class S3Error(Exception):
+    code = "InternalError"
+    status = 500
+
+    def __init__(self, message: str, *, resource: str = "") -> None:
+        super().__init__(message)
+        self.message = message
+        self.resource = resource
+
+
+class InvalidArgument(S3Error):
+    code = "InvalidArgument"
+    status = 400
+
+
+class InvalidRequest(S3Error):
+    code = "InvalidRequest"
+    status = 400
+
+
+class InvalidBucketName(S3Error):
+    code = "InvalidBucketName"
+    status = 400
+
+
+class KeyTooLongError(S3Error):
+    code = "KeyTooLongError"
+    status = 400
+
+
+class IncompleteBody(S3Error):
+    code = "IncompleteBody"
+    status = 400
+
+
+class AccessDenied(S3Error):
+    code = "AccessDenied"
+    status = 403
+
+
+class NoSuchKey(S3Error):
+    code = "NoSuchKey"
+    status = 404
+
+
+class MethodNotAllowed(S3Error):
+    code = "MethodNotAllowed"
+    status = 405
+
+
+class InvalidRange(S3Error):
+    code = "InvalidRange"
+    status = 416
+
+
+class InternalError(S3Error):
+    code = "InternalError"
+    status = 500
+
+
+class ServiceUnavailable(S3Error):
+    code = "ServiceUnavailable"
+    status = 503
+
+
+def error_document(error: S3Error, request_id: str) -> bytes:
+    """The S3 error body: ``<Error><Code/><Message/><Resource/><RequestId/></Error>``."""
+    return (
+        '<?xml version="1.0" encoding="UTF-8"?>\n'
+        f"<Error><Code>{error.code}</Code>"
+        f"<Message>{escape(error.message)}</Message>"
+        f"<Resource>{escape(error.resource)}</Resource>"
+        f"<RequestId>{request_id}</RequestId></Error>"
+    ).encode()

@@ -1,0 +1,170 @@
+"""Pass a request through to the upstream, re-signed, with bodies streamed both ways.
+
+Everything that s3cache does not answer from its cache comes here: listings, writes,
+multipart uploads, bucket operations, and reads it cannot cache exactly. Status,
+headers and body come back as the upstream sent them. Memory stays bounded: bodies
+move in pieces of at most a few hundred KiB, and each side waits for the other
+(aiohttp's flow control on both sockets).
+
+Upload bodies, by the client's ``x-amz-content-sha256``
+(https://docs.aws.amazon.com/AmazonS3/latest/API/sigv4-auth-using-authorization-header.html):
+
+- a SHA-256 hex digest, ``UNSIGNED-PAYLOAD`` or none: sent as they came, the digest
+  kept, so the upstream still checks the body;
+- ``STREAMING-UNSIGNED-PAYLOAD-TRAILER``: sent as they came (aws-chunked with its
+  trailing checksum: nothing in it is tied to the client's key);
+- ``STREAMING-AWS4-HMAC-SHA256-PAYLOAD[-TRAILER]``: the chunk signatures belong to the
+  client's key, so the body is decoded and sent plain as ``UNSIGNED-PAYLOAD`` with its
+  decoded length. A trailing checksum of the signed-trailer mode is not carried over.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+
+from s3cache.errors import IncompleteBody, InvalidRequest
+from s3cache.s3.addressing import S3Address
+from s3cache.s3.chunked import AwsChunkedDecoder, AwsChunkedError
+from s3cache.upstream import UNSIGNED_PAYLOAD, Upstream, UpstreamBroken, iter_body
+
+log = logging.getLogger(__name__)
+
+# RFC 9110 §7.6.1 hop-by-hop headers, plus what s3cache sets itself for the upstream.
+_NOT_FORWARDED_REQUEST = frozenset(
+    {
+        "host",
+        "connection",
+        "keep-alive",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "expect",
+        "authorization",
+        "x-amz-date",
+        "x-amz-security-token",
+        "x-amz-content-sha256",
+        "content-length",
+    }
+)
+_NOT_FORWARDED_RESPONSE = frozenset(
+    {"connection", "keep-alive", "transfer-encoding", "content-length", "trailer", "upgrade"}
+)
+_SIGNED_STREAMING = (
+    "STREAMING-AWS4-HMAC-SHA256-PAYLOAD",
+    "STREAMING-AWS4-HMAC-SHA256-PAYLOAD-TRAILER",
+)
+_BODY_PIECE = 256 * 1024
+
+
+async def forward(
+    request: web.Request, address: S3Address, upstream: Upstream
+) -> web.StreamResponse:
+    """Send ``request`` to the upstream and stream the answer back to the client."""
+    headers, body = _upstream_request(request)
+    url = upstream.url(address.bucket, address.key, address.query)
+    response = await upstream.request(request.method, url, headers, body)
+    async with response:
+        return await relay_response(request, response)
+
+
+async def relay_response(
+    request: web.Request, response: aiohttp.ClientResponse
+) -> web.StreamResponse:
+    """Copy an upstream response (status, headers, body) to the client.
+
+    If the upstream body breaks off, the client's connection is aborted: a client must
+    never take a short body for a whole one."""
+    out = web.StreamResponse(status=response.status, reason=response.reason)
+    for name, value in response.headers.items():
+        if name.lower() not in _NOT_FORWARDED_RESPONSE:
+            out.headers.add(name, value)
+    if response.content_length is not None:
+        out.content_length = response.content_length
+    await out.prepare(request)
+    if request.method == "HEAD":
+        return out
+    try:
+        async for chunk in iter_body(response):
+            await out.write(chunk)
+    except UpstreamBroken as exc:
+        log.warning("upstream body broke off, aborting the client connection: %s", exc)
+        abort(request)
+        return out
+    await out.write_eof()
+    return out
+
+
+def abort(request: web.Request) -> None:
+    """Drop the client's connection without completing the response."""
+    transport = request.transport
+    if transport is not None:
+        transport.abort()
+
+
+def _upstream_request(
+    request: web.Request,
+) -> tuple[CIMultiDict[str], AsyncIterator[bytes] | None]:
+    headers: CIMultiDict[str] = CIMultiDict(
+        (name, value)
+        for name, value in request.headers.items()
+        if name.lower() not in _NOT_FORWARDED_REQUEST
+    )
+    content_sha256 = request.headers.get("x-amz-content-sha256", UNSIGNED_PAYLOAD)
+    if content_sha256 in _SIGNED_STREAMING:
+        return _decoded_upload(request, headers)
+    headers["X-Amz-Content-SHA256"] = content_sha256
+    if not request.body_exists:
+        return headers, None
+    if request.content_length is not None:
+        headers["Content-Length"] = str(request.content_length)
+    return headers, _request_body(request)
+
+
+def _decoded_upload(
+    request: web.Request, headers: CIMultiDict[str]
+) -> tuple[CIMultiDict[str], AsyncIterator[bytes]]:
+    decoded_length = headers.pop("x-amz-decoded-content-length", None)
+    if decoded_length is None or not decoded_length.isdigit():
+        raise InvalidRequest("aws-chunked upload without a valid x-amz-decoded-content-length")
+    encodings = [
+        part.strip()
+        for part in headers.pop("content-encoding", "").split(",")
+        if part.strip() and part.strip() != "aws-chunked"
+    ]
+    if encodings:
+        headers["Content-Encoding"] = ", ".join(encodings)
+    headers.pop("x-amz-trailer", None)
+    headers["X-Amz-Content-SHA256"] = UNSIGNED_PAYLOAD
+    headers["Content-Length"] = decoded_length
+    return headers, _decode_chunked(request, int(decoded_length))
+
+
+async def _request_body(request: web.Request) -> AsyncIterator[bytes]:
+    expected = request.content_length
+    received = 0
+    while chunk := await request.content.read(_BODY_PIECE):
+        received += len(chunk)
+        yield chunk
+    if expected is not None and received != expected:
+        raise IncompleteBody("The request body ended before its Content-Length")
+
+
+async def _decode_chunked(request: web.Request, decoded_length: int) -> AsyncIterator[bytes]:
+    decoder = AwsChunkedDecoder()
+    try:
+        while chunk := await request.content.read(_BODY_PIECE):
+            for piece in decoder.feed(chunk):
+                yield piece
+        decoder.finish()
+    except AwsChunkedError as exc:
+        raise InvalidRequest(f"malformed aws-chunked body: {exc}") from exc
+    if decoder.total_decoded != decoded_length:
+        raise IncompleteBody("aws-chunked body does not match x-amz-decoded-content-length")

@@ -1,0 +1,1 @@
+"""Pure S3 protocol helpers: no I/O."""

@@ -1,0 +1,137 @@
+"""Run s3cache as a real process on a free loopback port, for the demo, the tests and
+the benchmarks."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Protocol
+
+
+class UpstreamServer(Protocol):
+    endpoint_url: str
+    access_key: str
+    secret_key: str
+    region: str
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class S3CacheProcess:
+    """``s3cache serve`` in front of ``upstream``, with its cache in ``workdir``.
+
+    The upstream credentials reach it the standard way, as AWS_* environment
+    variables of its process."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        upstream: UpstreamServer,
+        *,
+        extra_args: list[str] | None = None,
+        upstream_endpoint: str | None = None,
+    ) -> None:
+        self.workdir = workdir
+        self.port = free_port()
+        self.endpoint_url = f"http://127.0.0.1:{self.port}"
+        self.log_path = workdir / "s3cache.log"
+        self._upstream = upstream
+        self._upstream_endpoint = upstream_endpoint or upstream.endpoint_url
+        self._extra_args = extra_args or []
+        self._process: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
+
+    def command(self) -> list[str]:
+        return [
+            sys.executable,
+            "-m",
+            "s3cache",
+            "serve",
+            "--listen",
+            f"127.0.0.1:{self.port}",
+            "--upstream-endpoint",
+            self._upstream_endpoint,
+            "--upstream-region",
+            self._upstream.region,
+            "--cache-dir",
+            str(self.workdir / "cache"),
+            *self._extra_args,
+        ]
+
+    def environment(self) -> dict[str, str]:
+        env = {name: value for name, value in os.environ.items() if not name.startswith("AWS_")}
+        env.update(
+            AWS_ACCESS_KEY_ID=self._upstream.access_key,
+            AWS_SECRET_ACCESS_KEY=self._upstream.secret_key,
+            AWS_EC2_METADATA_DISABLED="true",
+            AWS_CONFIG_FILE=os.devnull,
+            AWS_SHARED_CREDENTIALS_FILE=os.devnull,
+        )
+        return env
+
+    def start(self, timeout: float = 30.0) -> None:
+        self._log = self.log_path.open("ab")
+        self._process = subprocess.Popen(
+            self.command(), env=self.environment(), stdout=self._log, stderr=subprocess.STDOUT
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._process.poll() is not None:
+                raise RuntimeError(f"s3cache exited at start-up:\n{self.log_tail()}")
+            try:
+                with urllib.request.urlopen(f"{self.endpoint_url}/_s3cache/healthz", timeout=1):
+                    return
+            except OSError:
+                time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"s3cache did not answer within {timeout}s:\n{self.log_tail()}")
+
+    def stop(self, timeout: float = 35.0) -> int | None:
+        """SIGTERM, then SIGKILL if it has not stopped in time; returns the exit code."""
+        process, self._process = self._process, None
+        code = None
+        if process is not None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                code = process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                code = process.wait()
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        return code
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process else None
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def __enter__(self) -> S3CacheProcess:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.stop()

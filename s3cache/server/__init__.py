@@ -1,0 +1,1 @@
+"""The HTTP front door: the aiohttp application, its middleware and its handlers."""
