@@ -422,7 +422,7 @@ class SeaweedS3:
             Config(
                 s3={"addressing_style": "path"},
                 connect_timeout=2,
-                read_timeout=10,
+                read_timeout=5,
                 retries={"mode": "standard", "max_attempts": 1},
             )
         )

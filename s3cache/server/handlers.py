@@ -5,6 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from s3cache.config import Settings
+from s3cache.errors import NoSuchKey
 from s3cache.forward import forward
 from s3cache.s3.addressing import resolve
 from s3cache.upstream import Upstream
@@ -28,4 +29,4 @@ async def handle_admin(request: web.Request) -> web.StreamResponse:
     name = request.path[len(ADMIN_PREFIX) :]
     if name == "healthz" and request.method in ("GET", "HEAD"):
         return web.Response(text="ok\n")
-    raise web.HTTPNotFound()
+    raise NoSuchKey("No such s3cache admin endpoint.", resource=request.path)
