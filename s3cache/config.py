@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import re
 import tomllib
@@ -129,6 +130,43 @@ def _str_list(text: str | Sequence[str]) -> tuple[str, ...]:
     return tuple(item.strip().lower() for item in items if item.strip())
 
 
+def parse_ttl(text: str | int | float) -> float:
+    """A duration, or ``immutable`` (never revalidate)."""
+    if isinstance(text, str) and text.strip().lower() == "immutable":
+        return math.inf
+    return parse_duration(text)
+
+
+def _fraction(text: str | float) -> float:
+    value = float(text)
+    if not 0.0 < value <= 1.0:
+        raise ValueError(f"must be a fraction in (0, 1]: {text!r}")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class TtlRule:
+    prefix: str  # "bucket/" or "bucket/some/prefix"
+    ttl: float
+
+
+def _ttl_rules(text: str | Sequence[str] | Sequence[Mapping[str, str]]) -> tuple[TtlRule, ...]:
+    items = text.split(",") if isinstance(text, str) else list(text)
+    rules = []
+    for item in items:
+        if isinstance(item, Mapping):  # TOML: {prefix = "bucket/p", ttl = "1h"}
+            prefix, ttl = str(item["prefix"]), str(item["ttl"])
+        else:
+            prefix, sep, ttl = str(item).partition("=")
+            if not sep:
+                raise ValueError(f"not BUCKET[/PREFIX]=TTL: {item!r}")
+        prefix = prefix.strip().removeprefix("s3://")
+        if "/" not in prefix:
+            prefix += "/"
+        rules.append(TtlRule(prefix=prefix, ttl=parse_ttl(ttl.strip())))
+    return tuple(rules)
+
+
 # --- the settings object -------------------------------------------------------------
 
 
@@ -185,6 +223,31 @@ class Settings:
     )
     cache_size: int = _setting(10 * 1024**3, parse_size, "bytes the cache may use, all dirs")
     block_size: int = _setting(8 * 1024**2, parse_size, "cache block size")
+    cache_high_watermark: float = _setting(
+        0.9, _fraction, "usage (fraction of cache_size) at which eviction starts"
+    )
+    cache_low_watermark: float = _setting(
+        0.8, _fraction, "usage (fraction of cache_size) eviction brings the cache down to"
+    )
+    cache_ttl: float = _setting(
+        600.0,
+        parse_ttl,
+        "how long a cached object is served without asking the upstream whether it "
+        "changed; 'immutable' for never",
+    )
+    ttl_rules: tuple[TtlRule, ...] = _setting(
+        (),
+        _ttl_rules,
+        "per bucket/prefix freshness, BUCKET[/PREFIX]=DURATION|immutable (repeatable); "
+        "the longest matching prefix wins",
+        repeat=True,
+    )
+    fill_concurrency: int = _setting(
+        32, _positive_int, "ranged upstream GETs filling the cache at once, all objects"
+    )
+    fill_object_concurrency: int = _setting(
+        8, _positive_int, "ranged upstream GETs filling one object at once"
+    )
     log_level: str = _setting(
         "info", parse_choice("debug", "info", "warning", "error"), "log level"
     )
@@ -192,6 +255,19 @@ class Settings:
     def __post_init__(self) -> None:
         if self.block_size < 64 * 1024:
             raise ConfigError("block_size: must be at least 64KiB")
+        if self.cache_low_watermark > self.cache_high_watermark:
+            raise ConfigError("cache_low_watermark: must not be above cache_high_watermark")
+
+    def ttl_for(self, bucket: str, key: str) -> float:
+        """Seconds an entry of bucket/key stays fresh (``math.inf``: immutable)."""
+        path = f"{bucket}/{key}"
+        best: TtlRule | None = None
+        for rule in self.ttl_rules:
+            if path.startswith(rule.prefix) and (
+                best is None or len(rule.prefix) > len(best.prefix)
+            ):
+                best = rule
+        return best.ttl if best is not None else self.cache_ttl
 
 
 # Flags whose name is not derived from the field name, kept for operators' muscle memory.
@@ -256,7 +332,11 @@ def _parse_all(raw: dict[str, tuple[str, Any]]) -> dict[str, Any]:
         if spec is None:
             raise ConfigError(f"{origin}: unknown setting")
         if spec.metadata["repeat"] and isinstance(value, list):
-            value = [part for item in value for part in str(item).split(",")]
+            value = [
+                part
+                for item in value
+                for part in (item.split(",") if isinstance(item, str) else [item])
+            ]
         try:
             values[name] = spec.metadata["parse"](value)
         except (ValueError, TypeError) as exc:

@@ -9,6 +9,7 @@
     ├── AccessDenied             403
     ├── NoSuchKey                404
     ├── MethodNotAllowed         405
+    ├── PreconditionFailed       412  an If-Match or If-Unmodified-Since condition is false
     ├── InvalidRange             416  the Range cannot be satisfied
     ├── InternalError            500  a fault of s3cache itself
     └── ServiceUnavailable       503  the upstream cannot be reached
@@ -34,6 +35,7 @@ class S3Error(Exception):
         super().__init__(message)
         self.message = message
         self.resource = resource
+        self.headers: dict[str, str] = {}  # extra response headers, e.g. Content-Range
 
 
 class InvalidArgument(S3Error):
@@ -74,6 +76,11 @@ class NoSuchKey(S3Error):
 class MethodNotAllowed(S3Error):
     code = "MethodNotAllowed"
     status = 405
+
+
+class PreconditionFailed(S3Error):
+    code = "PreconditionFailed"
+    status = 412
 
 
 class InvalidRange(S3Error):

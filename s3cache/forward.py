@@ -68,11 +68,18 @@ async def forward(
     request: web.Request, address: S3Address, upstream: Upstream
 ) -> web.StreamResponse:
     """Send ``request`` to the upstream and stream the answer back to the client."""
-    headers, body = _upstream_request(request)
-    url = upstream.url(address.bucket, address.key, address.query)
-    response = await upstream.request(request.method, url, headers, body)
+    response = await send_upstream(request, address, upstream)
     async with response:
         return await relay_response(request, response)
+
+
+async def send_upstream(
+    request: web.Request, address: S3Address, upstream: Upstream
+) -> aiohttp.ClientResponse:
+    """Send ``request`` to the upstream, re-signed; the caller relays the answer."""
+    headers, body = _upstream_request(request)
+    url = upstream.url(address.bucket, address.key, address.query)
+    return await upstream.request(request.method, url, headers, body)
 
 
 async def relay_response(
@@ -82,10 +89,9 @@ async def relay_response(
 
     If the upstream body breaks off, the client's connection is aborted: a client must
     never take a short body for a whole one."""
-    out = web.StreamResponse(status=response.status, reason=response.reason)
-    for name, value in response.headers.items():
-        if name.lower() not in _NOT_FORWARDED_RESPONSE:
-            out.headers.add(name, value)
+    out = web.StreamResponse(
+        status=response.status, reason=response.reason, headers=response_headers(response)
+    )
     if response.content_length is not None:
         out.content_length = response.content_length
     await out.prepare(request)
@@ -100,6 +106,15 @@ async def relay_response(
         return out
     await out.write_eof()
     return out
+
+
+def response_headers(response: aiohttp.ClientResponse) -> CIMultiDict[str]:
+    """The upstream's response headers that go on to the client."""
+    return CIMultiDict(
+        (name, value)
+        for name, value in response.headers.items()
+        if name.lower() not in _NOT_FORWARDED_RESPONSE
+    )
 
 
 def abort(request: web.Request) -> None:
@@ -158,13 +173,22 @@ async def _request_body(request: web.Request) -> AsyncIterator[bytes]:
 
 
 async def _decode_chunked(request: web.Request, decoded_length: int) -> AsyncIterator[bytes]:
+    """The decoded payload. The last piece is held back until the whole body has been
+    checked, so the upstream never receives a complete body from an invalid one."""
     decoder = AwsChunkedDecoder()
+    held: bytes | None = None
     try:
         while chunk := await request.content.read(_BODY_PIECE):
             for piece in decoder.feed(chunk):
-                yield piece
+                if decoder.total_decoded > decoded_length:
+                    raise IncompleteBody("aws-chunked body is longer than declared")
+                if held:
+                    yield held
+                held = piece
         decoder.finish()
     except AwsChunkedError as exc:
         raise InvalidRequest(f"malformed aws-chunked body: {exc}") from exc
     if decoder.total_decoded != decoded_length:
         raise IncompleteBody("aws-chunked body does not match x-amz-decoded-content-length")
+    if held:
+        yield held

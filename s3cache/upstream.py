@@ -28,7 +28,7 @@ from botocore.awsrequest import AWSRequest
 from botocore.exceptions import BotoCoreError
 
 from s3cache.config import Settings
-from s3cache.errors import ServiceUnavailable
+from s3cache.errors import S3Error, ServiceUnavailable
 from s3cache.s3.addressing import encode_path, encode_query
 
 log = logging.getLogger(__name__)
@@ -139,6 +139,9 @@ class Upstream:
                 method, url, headers=signed, data=body, allow_redirects=False
             )
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            client_fault = _s3_error_in_chain(exc)
+            if client_fault is not None:
+                raise client_fault from None  # the client's body was bad, not the upstream
             raise ServiceUnavailable(f"upstream unreachable: {_describe(exc)}") from exc
 
     async def _sign(self, method: str, url: yarl.URL, headers: Mapping[str, str]) -> dict[str, str]:
@@ -163,6 +166,16 @@ async def iter_body(response: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
             yield chunk
     except (TimeoutError, aiohttp.ClientError, OSError) as exc:
         raise UpstreamBroken(_describe(exc)) from exc
+
+
+def _s3_error_in_chain(exc: BaseException) -> S3Error | None:
+    """aiohttp wraps an error raised while streaming the request body; find it."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, S3Error):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def _describe(exc: BaseException) -> str:

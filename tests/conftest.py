@@ -121,3 +121,4 @@ def bucket(upstream: SeaweedS3) -> Iterator[str]:
     for upload in direct.list_multipart_uploads(Bucket=name).get("Uploads", []):
         direct.abort_multipart_upload(Bucket=name, Key=upload["Key"], UploadId=upload["UploadId"])
     direct.delete_bucket(Bucket=name)
+    direct.close()

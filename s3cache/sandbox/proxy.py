@@ -16,10 +16,14 @@ from typing import IO, Protocol
 
 
 class UpstreamServer(Protocol):
-    endpoint_url: str
-    access_key: str
-    secret_key: str
-    region: str
+    @property
+    def endpoint_url(self) -> str: ...
+    @property
+    def access_key(self) -> str: ...
+    @property
+    def secret_key(self) -> str: ...
+    @property
+    def region(self) -> str: ...
 
 
 def free_port() -> int:

@@ -17,18 +17,20 @@ How it is run, and why:
   are drawn from 10000-21999 so that the gRPC ports stay below Linux's ephemeral port range
   (32768+), where outgoing connections could take them between the check and the bind.
 - Everything it writes (data, metadata, its log ``weed.log``, the S3 identities file) lives in
-  the work directory given to the constructor; its unix sockets too, unless that path is too
-  long for a socket (108 bytes), in which case a short temporary directory is used.
+  the work directory given to the constructor; its filer and S3 unix sockets too, unless that
+  path is too long for a socket (108 bytes), in which case a short temporary directory is
+  used. Only its gRPC sockets go where weed hardcodes them, /tmp/seaweedfs-*-grpc-PORT.sock;
+  ``stop()`` removes them.
 - It never sees or uses the developer's AWS or SeaweedFS setup: ``AWS_*`` and ``WEED_*``
   variables are removed from its environment, it runs with the work directory as its working
   and home directory, and the boto3 clients made here carry explicit keys, region and endpoint
   and read no AWS config or credentials file.
 - ``start()`` returns only once a real PutObject succeeds: SeaweedFS answers HTTP ~3 s after
-  launch, but the first PUT can fail for ~9 s more while it allocates volumes, so waiting for
+  launch, but the first PUT can fail for up to ~9 s while it allocates volumes, so waiting for
   the port to open is not enough.
-- ``stop()`` sends SIGTERM to its process group, then SIGKILL after ~3 s: ``weed`` does not
-  always exit promptly on SIGTERM. The process is also killed at interpreter exit if the
-  caller forgot to stop it.
+- ``stop()`` sends SIGTERM to its process group, then SIGKILL after ~3 s: on SIGTERM ``weed``
+  takes ~25 s to shut down gracefully, which a throw-away server does not need. The process is
+  also stopped at interpreter exit if the caller forgot to.
 
 Run ``python -m s3cache.sandbox.seaweed DIR`` to start one by hand; it prints the endpoint
 and keys and runs until Ctrl-C.
@@ -183,13 +185,27 @@ def _read_tail(path: Path, start: int = 0) -> str:
         return f"(could not read {path}: {exc})"
 
 
+def _grpc_socket_paths(ports: _Ports) -> list[Path]:
+    """The unix sockets `weed server` opens beside its gRPC ports, at paths it hardcodes."""
+    return [
+        Path(f"/tmp/seaweedfs-{name}-grpc-{port + _GRPC_OFFSET}.sock")
+        for name, port in (
+            ("master", ports.master),
+            ("volume", ports.volume),
+            ("filer", ports.filer),
+            ("s3", ports.s3),
+        )
+    ]
+
+
 def _shutdown(
     proc: subprocess.Popen[bytes],
     log_file: IO[bytes],
-    socket_dir: Path | None,
     ports: _Ports,
+    sockets: list[Path],
+    own_dir: Path | None,
 ) -> None:
-    """Stop weed's process group (SIGTERM, then SIGKILL), close its log, free its ports."""
+    """Stop weed's process group (SIGTERM, then SIGKILL), then clean up after it."""
     try:
         if proc.poll() is None:
             # start_new_session=True made weed its own group leader, so pgid == pid. The
@@ -197,6 +213,7 @@ def _shutdown(
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGTERM)
             try:
+                # weed takes ~25 s to finish a graceful shutdown: not worth waiting for.
                 proc.wait(timeout=_STOP_GRACE_SECONDS)
             except subprocess.TimeoutExpired:
                 with contextlib.suppress(ProcessLookupError):
@@ -204,8 +221,12 @@ def _shutdown(
                 proc.wait()
     finally:
         log_file.close()
-        if socket_dir is not None:
-            shutil.rmtree(socket_dir, ignore_errors=True)
+        # Killed, weed leaves its sockets behind; the ports were ours, so are these paths.
+        for path in sockets:
+            with contextlib.suppress(OSError):
+                path.unlink(missing_ok=True)
+        if own_dir is not None:
+            shutil.rmtree(own_dir, ignore_errors=True)
         _release_ports(ports)
 
 
@@ -405,8 +426,15 @@ class SeaweedS3:
             raise
         self._ports = ports
         self._proc = proc
+        sockets = [socket_dir / "filer.sock", socket_dir / "s3.sock", *_grpc_socket_paths(ports)]
         self._finalizer = weakref.finalize(
-            self, _shutdown, proc, log_file, socket_dir if own_socket_dir else None, ports
+            self,
+            _shutdown,
+            proc,
+            log_file,
+            ports,
+            sockets,
+            socket_dir if own_socket_dir else None,
         )
         return offset
 

@@ -10,8 +10,11 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from s3cache.config import Settings
-from s3cache.server.handlers import SETTINGS, UPSTREAM, handle
-from s3cache.server.middleware import s3_errors
+from s3cache.fill import Filler
+from s3cache.reader import Reader
+from s3cache.server.handlers import FILLER, READER, SETTINGS, STORE, UPSTREAM, handle
+from s3cache.server.middleware import add_request_id, s3_errors
+from s3cache.store.cache import CacheStore
 from s3cache.upstream import Upstream
 
 log = logging.getLogger(__name__)
@@ -23,16 +26,31 @@ DRAIN_SECONDS = 30.0
 def make_app(settings: Settings) -> web.Application:
     app = web.Application(middlewares=[s3_errors], client_max_size=0)
     app[SETTINGS] = settings
-    app[UPSTREAM] = Upstream(settings)
-    app.cleanup_ctx.append(_upstream_lifetime)
+    app.cleanup_ctx.append(_components)
+    app.on_response_prepare.append(add_request_id)
     app.router.add_route("*", "/{tail:.*}", handle)
     return app
 
 
-async def _upstream_lifetime(app: web.Application) -> AsyncIterator[None]:
-    await app[UPSTREAM].start()
-    yield
-    await app[UPSTREAM].close()
+async def _components(app: web.Application) -> AsyncIterator[None]:
+    """Start the upstream client and the cache; on shutdown, stop fills, then flush
+    and close the index."""
+    settings = app[SETTINGS]
+    upstream = Upstream(settings)
+    await upstream.start()
+    store = CacheStore(settings)
+    await store.open()
+    filler = Filler(settings, store, upstream)
+    app[UPSTREAM] = upstream
+    app[STORE] = store
+    app[FILLER] = filler
+    app[READER] = Reader(settings, store, filler, upstream)
+    try:
+        yield
+    finally:
+        await filler.close()
+        await store.close()
+        await upstream.close()
 
 
 async def serve(settings: Settings, started: asyncio.Event | None = None) -> None:

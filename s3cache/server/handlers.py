@@ -2,18 +2,30 @@
 
 from __future__ import annotations
 
+import xml.etree.ElementTree as ET
+
+import prometheus_client
 from aiohttp import web
 
 from s3cache.config import Settings
 from s3cache.errors import NoSuchKey
-from s3cache.forward import forward
-from s3cache.s3.addressing import resolve
+from s3cache.fill import Filler
+from s3cache.forward import forward, relay_response, response_headers, send_upstream
+from s3cache.metrics import ByteSource, CacheOutcome, sample
+from s3cache.reader import Reader
+from s3cache.s3.addressing import S3Address, resolve
+from s3cache.store.cache import CacheStore
 from s3cache.upstream import Upstream
 
 ADMIN_PREFIX = "/_s3cache/"
+# A DeleteObjects answer lists at most 1,000 keys: a few hundred KiB at the very most.
+MAX_DELETE_RESULT_BYTES = 4 * 1024 * 1024
 
 SETTINGS = web.AppKey("settings", Settings)
 UPSTREAM = web.AppKey("upstream", Upstream)
+FILLER = web.AppKey("filler", Filler)
+READER = web.AppKey("reader", Reader)
+STORE = web.AppKey("store", CacheStore)
 
 
 async def handle(request: web.Request) -> web.StreamResponse:
@@ -22,11 +34,92 @@ async def handle(request: web.Request) -> web.StreamResponse:
         return await handle_admin(request)
     app = request.app
     address = resolve(request.host, request.raw_path, app[SETTINGS].virtual_host_domains)
-    return await forward(request, address, app[UPSTREAM])
+    if Reader.cacheable(request, address):
+        return await app[READER].read(request, address)
+    if request.method in ("GET", "HEAD", "OPTIONS") or address.bucket is None:
+        return await forward(request, address, app[UPSTREAM])
+    return await forward_write(request, address)
+
+
+async def forward_write(request: web.Request, address: S3Address) -> web.StreamResponse:
+    """Pass a write through; once the upstream has taken it, and before the client
+    hears so, drop what the cache holds of the keys it changed (read-after-write)."""
+    app = request.app
+    filler = app[FILLER]
+    assert address.bucket is not None
+    response = await send_upstream(request, address, app[UPSTREAM])
+    async with response:
+        if response.status >= 300:
+            return await relay_response(request, response)
+        if address.key is not None:
+            await filler.invalidate(address.bucket, address.key)
+            return await relay_response(request, response)
+        if request.method == "POST" and address.has_param("delete"):
+            body = await response.content.read(MAX_DELETE_RESULT_BYTES)
+            for key in deleted_keys(body):
+                await filler.invalidate(address.bucket, key)
+            return web.Response(
+                status=response.status, headers=response_headers(response), body=body
+            )
+        return await relay_response(request, response)
+
+
+def deleted_keys(delete_result: bytes) -> list[str]:
+    """Keys of ``<DeleteResult><Deleted><Key>`` (DeleteObjects). If the answer cannot
+    be read, no key is named — the answer still goes to the client as it came."""
+    try:
+        root = ET.fromstring(delete_result)
+    except ET.ParseError:
+        return []
+    return [
+        child.text or ""
+        for deleted in root.iter()
+        if _local_name(deleted) == "Deleted"
+        for child in deleted
+        if _local_name(child) == "Key"
+    ]
+
+
+def _local_name(element: ET.Element) -> str:
+    return element.tag.rsplit("}", 1)[-1]
 
 
 async def handle_admin(request: web.Request) -> web.StreamResponse:
     name = request.path[len(ADMIN_PREFIX) :]
-    if name == "healthz" and request.method in ("GET", "HEAD"):
+    if request.method not in ("GET", "HEAD"):
+        raise NoSuchKey("No such s3cache admin endpoint.", resource=request.path)
+    if name == "healthz":
         return web.Response(text="ok\n")
+    if name == "stats":
+        return web.json_response(stats(request.app))
+    if name == "metrics":
+        return web.Response(
+            body=prometheus_client.generate_latest(), content_type="text/plain", charset="utf-8"
+        )
     raise NoSuchKey("No such s3cache admin endpoint.", resource=request.path)
+
+
+def stats(app: web.Application) -> dict[str, object]:
+    """The cache at a glance, as JSON."""
+    store = app[STORE]
+    reads = {
+        outcome.value: sample("s3cache_cache_reads_total", outcome=outcome.value)
+        for outcome in CacheOutcome
+    }
+    served = {
+        source.value: sample("s3cache_served_bytes_total", source=source.value)
+        for source in ByteSource
+    }
+    served_total = sum(served.values())
+    return {
+        "capacity_bytes": store.capacity,
+        "used_bytes": store.used,
+        "entries_in_memory": store.entries_in_view(),
+        "reads": reads,
+        "served_bytes": served,
+        "byte_hit_ratio": served["cache"] / served_total if served_total else None,
+        "upstream_block_fetches": sample("s3cache_upstream_block_fetches_total"),
+        "fills_in_flight": sample("s3cache_fills_in_flight"),
+        "evictions": sample("s3cache_cache_evictions_total"),
+        "evicted_bytes": sample("s3cache_cache_evicted_bytes_total"),
+    }

@@ -26,8 +26,14 @@ def error_response(error: S3Error, request_id: str) -> web.Response:
         status=error.status,
         body=error_document(error, request_id),
         content_type="application/xml",
-        headers={"x-amz-request-id": request_id},
+        headers={**error.headers, "x-amz-request-id": request_id},
     )
+
+
+async def add_request_id(request: web.Request, response: web.StreamResponse) -> None:
+    """on_response_prepare: every answer of s3cache's own carries its request id."""
+    if "x-amz-request-id" not in response.headers and REQUEST_ID in request:
+        response.headers["x-amz-request-id"] = request[REQUEST_ID]
 
 
 @web.middleware

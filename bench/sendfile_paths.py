@@ -1,0 +1,301 @@
+"""Cache-hit send paths, side by side: how fast a page-cached file leaves the server.
+
+Four servers, each its own process on loopback, serve the same file:
+
+    A  uvloop   + send_file_range, zero-copy path (os.sendfile in a worker pool)
+    B  uvloop   + send_file_range, fallback path (1 MiB os.pread in the pool + write)
+    C  uvloop   + aiohttp web.FileResponse (uvloop has no loop.sendfile: aiohttp reads
+                  chunks in the default executor and copies them through the transport)
+    D  asyncio  + aiohttp web.FileResponse (the default loop has loop.sendfile)
+
+The file (``--size``, 256 MiB) is written once and read once so it is page-cached. The
+client is curl (``-s -o /dev/null -w '%{speed_download}'``), or, without curl, a Python
+socket reader that discards into a bytearray with recv_into. For each stream count
+(``--streams``, 1 and 8) it runs ``--runs`` rounds, each alternating A B C D, and prints
+the median MB/s (1 MB = 10^6 bytes; for N streams, N x size / wall time of the batch),
+the server process's CPU seconds (user + system, all threads) per GB sent, and its peak
+RSS at the end. ``--set NAME=VALUE`` overrides a tuning constant of
+s3cache.server.sendfile in servers A and B (e.g. ``--set POLL_SECONDS=0``).
+
+A benchmark, not a test: it reports, it does not assert.
+
+    .venv/bin/python bench/sendfile_paths.py [--size 256MiB] [--runs 5] [--streams 1,8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from importlib.metadata import version
+from pathlib import Path
+
+MiB = 1024**2
+VARIANTS = {
+    "A": "uvloop + send_file_range (zero-copy)",
+    "B": "uvloop + send_file_range (fallback)",
+    "C": "uvloop + web.FileResponse",
+    "D": "asyncio + web.FileResponse (loop.sendfile)",
+}
+
+
+# --- the servers (run as subprocesses: python sendfile_paths.py --serve X) -------------
+
+
+def serve(variant: str, port: int, path: Path, overrides: list[str]) -> None:
+    from aiohttp import web
+
+    from s3cache.server import sendfile
+
+    for item in overrides:
+        name, value = item.split("=", 1)
+        setattr(sendfile, name, type(getattr(sendfile, name))(float(value)))
+
+    async def with_send_file_range(request: web.Request) -> web.StreamResponse:
+        fd = await asyncio.to_thread(os.open, path, os.O_RDONLY)
+        try:
+            size = os.fstat(fd).st_size
+            response = web.StreamResponse()
+            response.content_length = size
+            await response.prepare(request)
+            await sendfile.send_file_range(request, response, fd, 0, size)
+            await response.write_eof()
+            return response
+        finally:
+            os.close(fd)
+
+    async def with_file_response(request: web.Request) -> web.StreamResponse:
+        return web.FileResponse(path)
+
+    sendfile.set_mode("fallback" if variant == "B" else "sendfile")
+    app = web.Application()
+    app.router.add_get("/", with_file_response if variant in "CD" else with_send_file_range)
+    loop_factory = asyncio.new_event_loop
+    if variant != "D":
+        import uvloop
+
+        loop_factory = uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        runner.run(_serve_forever(app, port))
+
+
+async def _serve_forever(app: object, port: int) -> None:
+    from aiohttp import web
+
+    assert isinstance(app, web.Application)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    await asyncio.Event().wait()
+
+
+# --- the client ------------------------------------------------------------------------
+
+
+def curl_get(url: str) -> float:
+    """Bytes per second for one GET, as curl measures it."""
+    out = subprocess.run(
+        ["curl", "-s", "-o", "/dev/null", "-w", "%{speed_download}", url],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    return float(out)
+
+
+def socket_get(url: str) -> float:
+    """Bytes per second for one GET read with recv_into and discarded."""
+    port = int(url.rsplit(":", 1)[1].split("/")[0])
+    buf = bytearray(1 * MiB)
+    view = memoryview(buf)
+    started = time.perf_counter()
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")
+        total = 0
+        while n := sock.recv_into(view):
+            total += n
+    return total / (time.perf_counter() - started)
+
+
+def batch(get: object, url: str, streams: int) -> float:
+    """Wall time of ``streams`` concurrent GETs."""
+    assert callable(get)
+    threads = [threading.Thread(target=get, args=(url,)) for _ in range(streams)]
+    started = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return time.perf_counter() - started
+
+
+# --- bookkeeping -----------------------------------------------------------------------
+
+
+@dataclass
+class Server:
+    variant: str
+    port: int
+    process: subprocess.Popen[bytes]
+    speeds: dict[int, list[float]] = field(default_factory=dict)  # streams -> MB/s
+    cpu: dict[int, list[float]] = field(default_factory=dict)  # streams -> CPU s per GB
+
+    def cpu_seconds(self) -> float:
+        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def peak_rss_mib(self) -> float:
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+        return float("nan")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_listening(port: int, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+def parse_size(text: str) -> int:
+    units = {"KIB": 1024, "MIB": MiB, "GIB": 1024**3, "": 1}
+    t = text.strip().upper()
+    for unit in ("KIB", "MIB", "GIB"):
+        if t.endswith(unit):
+            return int(float(t[: -len(unit)]) * units[unit])
+    return int(t)
+
+
+def machine() -> str:
+    cpu = "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return (
+        f"{platform.node()} {platform.system()} {platform.release()}, {cpu}, "
+        f"{os.cpu_count()} CPUs, Python {platform.python_version()}, "
+        f"aiohttp {version('aiohttp')}, uvloop {version('uvloop')}"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--size", default="256MiB")
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--streams", default="1,8")
+    parser.add_argument("--variants", default="ABCD")
+    parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE")
+    parser.add_argument("--serve", choices=list(VARIANTS), help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--file", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve:
+        serve(args.serve, args.port, args.file, args.set)
+        return
+
+    size = parse_size(args.size)
+    stream_counts = [int(s) for s in args.streams.split(",")]
+    curl = shutil.which("curl")
+    get = curl_get if curl else socket_get
+    client = (
+        f"curl ({subprocess.run([curl, '--version'], capture_output=True, text=True).stdout.split()[1]})"
+        " -s -o /dev/null"
+        if curl
+        else "Python socket reader, recv_into a 1 MiB bytearray"
+    )
+    with tempfile.TemporaryDirectory(prefix="sendfile-bench-") as tmp:
+        path = Path(tmp) / "object"
+        with path.open("wb") as f:
+            block = os.urandom(MiB)
+            for _ in range(size // MiB):
+                f.write(block)
+            f.write(block[: size % MiB])
+        path.read_bytes()  # into the page cache
+        servers = [start(v, path, args.set) for v in args.variants]
+        try:
+            print("method:")
+            print(f"  machine: {machine()}")
+            print(f"  file: {size / MiB:.0f} MiB, page-cached, in {tmp}")
+            print(f"  client: {client}; {args.runs} rounds per stream count, A B C D alternating")
+            print("  servers: one process each on 127.0.0.1:")
+            for s in servers:
+                print(f"    {s.variant}  {VARIANTS[s.variant]}")
+            if args.set:
+                print(f"  overrides for A and B: {' '.join(args.set)}")
+            for s in servers:  # warm up: one GET each
+                get(f"http://127.0.0.1:{s.port}/")
+            for streams in stream_counts:
+                for _ in range(args.runs):
+                    for s in servers:
+                        measure(s, get, streams, size)
+            report(servers, stream_counts)
+        finally:
+            for s in servers:
+                s.process.terminate()
+                s.process.wait(10)
+
+
+def start(variant: str, path: Path, overrides: list[str]) -> Server:
+    port = free_port()
+    cmd = [sys.executable, __file__, "--serve", variant, "--port", str(port), "--file", str(path)]
+    for item in overrides:
+        cmd += ["--set", item]
+    process = subprocess.Popen(cmd)
+    wait_listening(port)
+    return Server(variant, port, process)
+
+
+def measure(server: Server, get: object, streams: int, size: int) -> None:
+    url = f"http://127.0.0.1:{server.port}/"
+    cpu_before = server.cpu_seconds()
+    if streams == 1:
+        assert callable(get)
+        speed = float(get(url))
+    else:
+        speed = streams * size / batch(get, url, streams)
+    cpu = server.cpu_seconds() - cpu_before
+    server.speeds.setdefault(streams, []).append(speed / 1e6)
+    server.cpu.setdefault(streams, []).append(cpu / (streams * size / 1e9))
+
+
+def report(servers: list[Server], stream_counts: list[int]) -> None:
+    print()
+    print("variant  streams  MB/s median  (min-max)        CPU s/GB median  peak RSS MiB")
+    for streams in stream_counts:
+        for s in servers:
+            speeds = s.speeds[streams]
+            print(
+                f"{s.variant:<8} {streams:>7}  {statistics.median(speeds):>11.0f}  "
+                f"({min(speeds):.0f}-{max(speeds):.0f}){'':<{14 - len(f'{min(speeds):.0f}-{max(speeds):.0f}')}}"
+                f"{statistics.median(s.cpu[streams]):>9.3f}  {s.peak_rss_mib():>14.0f}"
+            )
+
+
+if __name__ == "__main__":
+    main()

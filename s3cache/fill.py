@@ -1,0 +1,387 @@
+"""Fetch missing blocks from the upstream, once each, into the cache file.
+
+A :class:`BlockFetch` is one ranged GET bringing a run of blocks of an entry. While it
+runs, it is listed in ``entry.fetches`` under each of its blocks: any reader that needs
+one of those blocks waits on that fetch (single-flight) and streams from the cache
+file as ``written`` grows, so the first byte goes out as soon as it lands. A block is
+recorded present (with its xxh3-64) only once all of its bytes are in the file.
+
+Every block fetch carries ``If-Match: <etag>``: a 412 means the object changed
+upstream; the entry is dropped and the fetch fails with :class:`VersionChanged`, so
+one response never mixes two versions.
+
+Opening an object (its first fetch) is single-flight per key too: the first block
+GET, sent without If-Match, also brings the object's metadata.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass
+
+import aiohttp
+import xxhash
+
+from s3cache.config import Settings
+from s3cache.errors import ServiceUnavailable
+from s3cache.metrics import FILLS_IN_FLIGHT, UPSTREAM_BLOCK_FETCHES, UPSTREAM_FILL_BYTES
+from s3cache.s3.objectmeta import MetadataError, meta_from_response, parse_content_range
+from s3cache.store.cache import CacheStore, CacheWriteError
+from s3cache.store.entry import Entry, ObjectMeta
+from s3cache.upstream import Upstream, UpstreamBroken, iter_body
+
+log = logging.getLogger(__name__)
+
+
+class FetchFailed(Exception):
+    """A block fetch did not complete; the blocks it did complete stay cached."""
+
+
+class VersionChanged(FetchFailed):
+    """The upstream object is no longer the version the entry holds."""
+
+
+class CacheFull(Exception):
+    """No room for more blocks (everything cached is in use): serve uncached."""
+
+
+class BlockFetch:
+    """One ranged upstream GET for blocks ``first..last`` of ``entry``."""
+
+    __slots__ = ("entry", "first", "last", "start", "end", "written", "error", "done", "_waiters")
+
+    def __init__(self, entry: Entry, first: int, last: int) -> None:
+        self.entry = entry
+        self.first = first
+        self.last = last
+        self.start = entry.block_range(first)[0]
+        self.end = entry.block_range(last)[1]
+        self.written = 0  # bytes in the file, contiguous from ``start``
+        self.error: BaseException | None = None
+        self.done = False
+        self._waiters: list[asyncio.Future[None]] = []
+
+    @property
+    def filled_to(self) -> int:
+        return self.start + self.written
+
+    async def wait_past(self, offset: int) -> None:
+        """Wait until the byte at ``offset`` is in the file, or the fetch ended."""
+        while self.filled_to <= offset and not self.done:
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            await waiter
+
+    def _progress(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+
+@dataclass(frozen=True, slots=True)
+class Opened:
+    """What opening an uncached object gave: an entry, or an answer to relay as is."""
+
+    entry: Entry | None
+    response: aiohttp.ClientResponse | None = None
+    uncacheable: bool = False
+    known: bool = False  # the entry was in the index already
+
+
+class Filler:
+    def __init__(self, settings: Settings, store: CacheStore, upstream: Upstream) -> None:
+        self._store = store
+        self._upstream = upstream
+        self._slots = asyncio.Semaphore(settings.fill_concurrency)
+        self._per_object = settings.fill_object_concurrency
+        self._opening: dict[tuple[str, str], asyncio.Future[Entry | None]] = {}
+        self._overtaken: set[tuple[str, str]] = set()  # opens that a write overtook
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # --- opening -----------------------------------------------------------------
+
+    async def open(self, bucket: str, key: str, first_block: int | None) -> Opened:
+        """The entry of an object that is not in the in-memory view: from the index, or
+        created with its first block fetch (``first_block``), or from a HEAD (None).
+
+        Single-flight per key: concurrent openers share one index lookup and one
+        upstream request; the others wait for the first one's entry (``Opened(None)``
+        if it failed: they then pass their own request through)."""
+        pending = self._opening.get((bucket, key))
+        if pending is not None:
+            return Opened(await asyncio.shield(pending))
+        future: asyncio.Future[Entry | None] = asyncio.get_running_loop().create_future()
+        self._opening[(bucket, key)] = future
+        try:
+            indexed = await self._store.lookup(bucket, key)
+            if indexed is not None and not indexed.dropped:
+                opened = Opened(indexed, known=True)
+            elif first_block is None:
+                opened = await self._open_from_head(bucket, key)
+            else:
+                opened = await self._open(bucket, key, first_block)
+            if (bucket, key) in self._overtaken and opened.entry is not None:
+                # A write finished while this open was in flight: this reader (and
+                # those waiting with it) began before it and may see the old version,
+                # but nobody after it may.
+                await self._store.drop(opened.entry)
+            future.set_result(opened.entry)
+            return opened
+        except BaseException:
+            future.set_result(None)
+            raise
+        finally:
+            del self._opening[(bucket, key)]
+            self._overtaken.discard((bucket, key))
+
+    async def invalidate(self, bucket: str, key: str) -> None:
+        """Forget the cached object: a write through s3cache changed it."""
+        if (bucket, key) in self._opening:
+            self._overtaken.add((bucket, key))
+        await self._store.invalidate(bucket, key)
+
+    async def _open(self, bucket: str, key: str, first_block: int) -> Opened:
+        block_size = self._store.block_size
+        start = first_block * block_size
+        url = self._upstream.url(bucket, key)
+        headers = {"Range": f"bytes={start}-{start + block_size - 1}"}
+        UPSTREAM_BLOCK_FETCHES.inc()
+        response = await self._upstream.request("GET", url, headers)
+        if response.status == 416:  # empty object, or starting past its end
+            response.release()
+            return await self._open_from_head(bucket, key)
+        if response.status not in (200, 206):
+            return Opened(None, response)
+        try:
+            meta = meta_from_response(response.status, response.headers)
+        except MetadataError:
+            return Opened(None, response)
+        got = _response_span(response, meta.size)
+        entry = await self._create(bucket, key, meta)
+        if entry is None or got is None:
+            return Opened(None, response, uncacheable=True)
+        first, last = entry.block_of(got[0]), entry.block_of(max(got[0], got[1] - 1))
+        if got != (entry.block_range(first)[0], entry.block_range(last)[1]) or not meta.size:
+            response.release()  # not block-aligned (an odd upstream): refetch as usual
+            return Opened(entry)
+        # With no room, readers find the blocks missing and serve them uncached.
+        with contextlib.suppress(CacheFull):
+            self._start(entry, first, last, response)
+        return Opened(entry)
+
+    async def _open_from_head(self, bucket: str, key: str) -> Opened:
+        """Create an entry from a HEAD (no blocks yet)."""
+        response = await self._upstream.request("HEAD", self._upstream.url(bucket, key), {})
+        if response.status != 200:
+            return Opened(None, response)
+        try:
+            meta = meta_from_response(200, response.headers)
+        except MetadataError:
+            return Opened(None, response)
+        response.release()
+        entry = await self._create(bucket, key, meta)
+        return Opened(entry, uncacheable=entry is None)
+
+    async def _create(self, bucket: str, key: str, meta: ObjectMeta) -> Entry | None:
+        if meta.size > self._store.capacity:
+            return None
+        try:
+            return await self._store.create(bucket, key, meta)
+        except CacheWriteError as exc:
+            log.warning("not caching s3://%s/%s: %s", bucket, key, exc)
+            return None
+
+    # --- block fetches -----------------------------------------------------------
+
+    def fetch(self, entry: Entry, block: int) -> BlockFetch | None:
+        """The fetch bringing ``block``: an existing one, or a new one. None if the
+        block is present. Raises CacheFull if the cache cannot take it."""
+        if block in entry.blocks:
+            return None
+        existing = entry.fetches.get(block)
+        if existing is not None:
+            return existing  # type: ignore[no-any-return]
+        return self._start(entry, block, block, None)
+
+    def read_ahead(self, entry: Entry, block: int, last_block: int) -> None:
+        """Start fetches for the missing blocks after ``block``, up to ``last_block``,
+        keeping at most the per-object number of fetches in flight."""
+        for ahead in range(block + 1, last_block + 1):
+            if len(entry.fetches) >= self._per_object:
+                return
+            if ahead not in entry.blocks and ahead not in entry.fetches:
+                try:
+                    self._start(entry, ahead, ahead, None)
+                except CacheFull:
+                    return
+
+    def _start(
+        self, entry: Entry, first: int, last: int, response: aiohttp.ClientResponse | None
+    ) -> BlockFetch:
+        fetch = BlockFetch(entry, first, last)
+        if not self._store.reserve(fetch.end - fetch.start):
+            if response is not None:
+                response.release()
+            raise CacheFull()
+        for block in range(first, last + 1):
+            entry.fetches[block] = fetch
+        self._store.pin(entry)
+        FILLS_IN_FLIGHT.inc()
+        task = asyncio.create_task(self._run(fetch, response))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return fetch
+
+    async def _run(self, fetch: BlockFetch, response: aiohttp.ClientResponse | None) -> None:
+        entry = fetch.entry
+        try:
+            if response is None:
+                async with self._slots:
+                    response = await self._request(fetch)
+                    await self._receive(fetch, response)
+            else:
+                await self._receive(fetch, response)
+        except VersionChanged as exc:
+            fetch.error = exc
+            await self._store.drop(entry)
+        except (FetchFailed, UpstreamBroken, CacheWriteError, ServiceUnavailable) as exc:
+            fetch.error = exc
+            log.warning(
+                "fetch of s3://%s/%s blocks %d-%d failed: %s",
+                entry.bucket,
+                entry.key,
+                fetch.first,
+                fetch.last,
+                exc,
+            )
+        except BaseException as exc:
+            fetch.error = exc
+            raise
+        finally:
+            if response is not None:
+                response.release()
+            fetch.done = True
+            for block in range(fetch.first, fetch.last + 1):
+                if entry.fetches.get(block) is fetch:
+                    del entry.fetches[block]
+            self._store.release(fetch.end - fetch.start)
+            self._store.unpin(entry)
+            FILLS_IN_FLIGHT.dec()
+            fetch._progress()
+
+    async def _request(self, fetch: BlockFetch) -> aiohttp.ClientResponse:
+        entry = fetch.entry
+        headers = {"Range": f"bytes={fetch.start}-{fetch.end - 1}", "If-Match": entry.meta.etag}
+        UPSTREAM_BLOCK_FETCHES.inc()
+        response = await self._upstream.request(
+            "GET", self._upstream.url(entry.bucket, entry.key), headers
+        )
+        if response.status == 412:
+            raise VersionChanged(f"s3://{entry.bucket}/{entry.key} changed upstream")
+        got = _response_span(response, entry.size) if response.status in (200, 206) else None
+        if got is None or got[0] > fetch.start or got[1] < fetch.end:
+            raise FetchFailed(f"upstream answered {response.status} to a block fetch")
+        return response
+
+    async def _receive(self, fetch: BlockFetch, response: aiohttp.ClientResponse) -> None:
+        """Write the body into the file, recording each block once it is complete.
+        A 200 answer to a range request (an upstream that ignores Range) is skipped
+        up to the fetch's start."""
+        entry = fetch.entry
+        skip = fetch.start - (_response_span(response, entry.size) or (0, 0))[0]
+        position = fetch.start
+        block = fetch.first
+        hasher = xxhash.xxh3_64()
+        async for chunk in iter_body(response):
+            if skip:
+                dropped = min(skip, len(chunk))
+                chunk, skip = chunk[dropped:], skip - dropped
+            chunk = chunk[: fetch.end - position]
+            if not chunk:
+                continue
+            await self._store.write(entry, position, chunk)
+            UPSTREAM_FILL_BYTES.inc(len(chunk))
+            position = await self._account(fetch, position, chunk, hasher, block)
+            block = entry.block_of(position) if position < fetch.end else fetch.last + 1
+            if position >= fetch.end:
+                break
+        if position < fetch.end:
+            raise UpstreamBroken(f"body ended at {position}, expected {fetch.end}")
+
+    async def _account(
+        self, fetch: BlockFetch, position: int, chunk: bytes, hasher: xxhash.xxh3_64, block: int
+    ) -> int:
+        """Hash the written chunk, record blocks it completes, wake readers."""
+        entry = fetch.entry
+        view = memoryview(chunk)
+        while view:
+            block_end = entry.block_range(block)[1]
+            piece = view[: block_end - position]
+            hasher.update(piece)
+            position += len(piece)
+            view = view[len(piece) :]
+            if position == block_end:
+                await self._store.add_block(entry, block, hasher.intdigest())
+                hasher.reset()
+                block += 1
+        fetch.written = position - fetch.start
+        fetch._progress()
+        return position
+
+    # --- revalidation ------------------------------------------------------------
+
+    async def revalidate(self, entry: Entry) -> Entry | None:
+        """Ask the upstream whether the entry is still current (HEAD If-None-Match).
+
+        Returns the entry (unchanged), a new entry (changed), or None (gone, or cannot
+        be cached): then the request goes upstream. If the upstream cannot be asked,
+        the entry is served as it is ("stale-if-error")."""
+        if entry.revalidation is not None:
+            await asyncio.shield(entry.revalidation)
+            return await self._store.lookup(entry.bucket, entry.key)
+        entry.revalidation = asyncio.get_running_loop().create_future()
+        try:
+            return await self._revalidate(entry)
+        finally:
+            entry.revalidation.set_result(None)
+            entry.revalidation = None
+
+    async def _revalidate(self, entry: Entry) -> Entry | None:
+        url = self._upstream.url(entry.bucket, entry.key)
+        try:
+            response = await self._upstream.request("HEAD", url, {"If-None-Match": entry.meta.etag})
+        except ServiceUnavailable as exc:
+            log.warning("serving s3://%s/%s unrevalidated: %s", entry.bucket, entry.key, exc)
+            return entry
+        response.release()
+        if response.status == 304:
+            await self._store.mark_validated(entry)
+            return entry
+        if response.status >= 500:
+            return entry
+        await self._store.drop(entry)
+        if response.status != 200:
+            return None
+        try:
+            meta = meta_from_response(200, response.headers)
+        except MetadataError:
+            return None
+        return await self._create(entry.bucket, entry.key, meta)
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+def _response_span(response: aiohttp.ClientResponse, size: int) -> tuple[int, int] | None:
+    """Byte offsets [start, end) that a 200/206 body carries."""
+    if response.status == 200:
+        return 0, size
+    content_range = parse_content_range(response.headers.get("Content-Range"))
+    if content_range is None:
+        return None
+    return content_range[0], content_range[1] + 1

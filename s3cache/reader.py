@@ -1,0 +1,260 @@
+"""Serve GET and HEAD of an object from the cache, filling it as the bytes stream.
+
+A request is answered from the entry's metadata (conditionals, ranges, headers) and
+its blocks: present blocks go out zero-copy from the cache file, missing ones are
+fetched (single-flight, several in parallel ahead of the reader) and streamed from the
+file as they land. Reads that the cache cannot answer exactly go to the forwarder.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from datetime import datetime
+
+from aiohttp import web
+
+from s3cache.config import Settings
+from s3cache.errors import InvalidRange, PreconditionFailed, ServiceUnavailable
+from s3cache.fill import CacheFull, FetchFailed, Filler, VersionChanged
+from s3cache.forward import abort, forward, relay_response
+from s3cache.metrics import CACHE_READS, SERVED_BYTES, ByteSource, CacheOutcome
+from s3cache.s3.addressing import S3Address
+from s3cache.s3.conditions import Precondition, evaluate, parse_http_date
+from s3cache.s3.objectmeta import RESPONSE_OVERRIDES, not_modified_headers, object_headers
+from s3cache.s3.ranges import ByteRange, is_multi_range, parse_range
+from s3cache.server.sendfile import send_file_range
+from s3cache.store.cache import CacheStore, CacheWriteError
+from s3cache.store.entry import Entry
+from s3cache.upstream import Upstream, UpstreamBroken, iter_body
+
+log = logging.getLogger(__name__)
+
+# Query parameters of a plain GetObject/HeadObject: anything else is another operation
+# (?tagging, ?acl, ?attributes…) or a read the cache cannot answer (?versionId,
+# ?partNumber), and is forwarded.
+_PLAIN_READ_PARAMS = frozenset(RESPONSE_OVERRIDES) | {"x-id"}
+_SSE_C = "x-amz-server-side-encryption-customer-algorithm"
+# A block fetch that fails is retried this many times within one request.
+FETCH_ATTEMPTS = 3
+
+
+class Reader:
+    def __init__(
+        self, settings: Settings, store: CacheStore, filler: Filler, upstream: Upstream
+    ) -> None:
+        self._settings = settings
+        self._store = store
+        self._filler = filler
+        self._upstream = upstream
+
+    @staticmethod
+    def cacheable(request: web.Request, address: S3Address) -> bool:
+        return (
+            request.method in ("GET", "HEAD")
+            and address.bucket is not None
+            and address.key is not None
+            and all(
+                name in _PLAIN_READ_PARAMS or name.lower().startswith("x-amz-")
+                for name, _ in address.query
+            )
+            and _SSE_C not in request.headers
+            and not is_multi_range(request.headers.get("Range"))
+        )
+
+    async def read(self, request: web.Request, address: S3Address) -> web.StreamResponse:
+        assert address.bucket is not None and address.key is not None
+        for _ in range(FETCH_ATTEMPTS):
+            entry, opened = await self._entry(request, address.bucket, address.key)
+            if isinstance(entry, web.StreamResponse):
+                CACHE_READS.labels(CacheOutcome.BYPASS.value).inc()
+                return entry
+            if entry is None:
+                return await self._bypass(request, address)
+            self._store.pin(entry)
+            try:
+                return await self._answer(request, address, entry, opened)
+            except VersionChanged:
+                continue  # nothing was sent yet: start over on the new version
+            finally:
+                self._store.unpin(entry)
+        return await self._bypass(request, address)
+
+    async def _bypass(self, request: web.Request, address: S3Address) -> web.StreamResponse:
+        CACHE_READS.labels(CacheOutcome.BYPASS.value).inc()
+        return await forward(request, address, self._upstream)
+
+    async def _entry(
+        self, request: web.Request, bucket: str, key: str
+    ) -> tuple[Entry | web.StreamResponse | None, bool]:
+        """The current entry of the object, opening or revalidating it as needed; or an
+        upstream answer to relay; or None to forward the request uncached. The flag
+        tells whether the entry was created for this request."""
+        entry = self._store.peek(bucket, key)
+        created = False
+        if entry is None or entry.dropped:
+            suffix = _is_suffix_range(request.headers.get("Range"))
+            first_block = None if request.method == "HEAD" or suffix else self._first_block(request)
+            opened = await self._filler.open(bucket, key, first_block)
+            if opened.response is not None:
+                if opened.uncacheable:
+                    opened.response.release()
+                    return None, True
+                async with opened.response:
+                    return await relay_response(request, opened.response), True
+            if opened.entry is None:
+                return None, True
+            entry, created = opened.entry, not opened.known
+        ttl = self._settings.ttl_for(bucket, key)
+        if not created and ttl != math.inf and time.time() - entry.validated_at > ttl:
+            return await self._filler.revalidate(entry), False
+        return entry, created
+
+    def _first_block(self, request: web.Request) -> int:
+        """The block of the first byte a GET asks for (0 if it cannot tell)."""
+        header = request.headers.get("Range", "")
+        try:
+            start = int(header.strip().lower().removeprefix("bytes=").split("-", 1)[0])
+        except ValueError:
+            return 0
+        return start // self._store.block_size
+
+    async def _answer(
+        self, request: web.Request, address: S3Address, entry: Entry, opened: bool
+    ) -> web.StreamResponse:
+        meta = entry.meta
+        self._store.touch(entry)
+        modified = parse_http_date(meta.last_modified) or datetime.fromtimestamp(0).astimezone()
+        precondition = evaluate(request.headers, meta.etag, modified)
+        if precondition is Precondition.FAILED:
+            CACHE_READS.labels(CacheOutcome.NOT_MODIFIED.value).inc()
+            raise PreconditionFailed(
+                "At least one of the pre-conditions you specified did not hold"
+            )
+        if precondition is Precondition.NOT_MODIFIED:
+            CACHE_READS.labels(CacheOutcome.NOT_MODIFIED.value).inc()
+            return web.Response(status=304, headers=not_modified_headers(meta))
+        try:
+            byte_range = parse_range(request.headers.get("Range"), meta.size)
+        except InvalidRange as exc:
+            exc.headers["Content-Range"] = f"bytes */{meta.size}"
+            raise
+        query = dict(address.query)
+        headers = object_headers(
+            meta,
+            byte_range,
+            query,
+            checksum_mode=request.headers.get("x-amz-checksum-mode", "").upper() == "ENABLED",
+        )
+        response = web.StreamResponse(status=206 if byte_range else 200, headers=headers)
+        span = byte_range or ByteRange(0, meta.size - 1)
+        response.content_length = span.length if meta.size else 0
+        if request.method == "HEAD" or not meta.size:
+            outcome = CacheOutcome.MISS if opened else CacheOutcome.HIT
+            await response.prepare(request)
+        else:
+            from_cache = _present_bytes(entry, span.start, span.end + 1)
+            outcome = _outcome(from_cache, span.length)
+            await self._first_bytes_ready(entry, span.start)
+            await response.prepare(request)
+            await self._stream(request, response, entry, span.start, span.end + 1)
+            SERVED_BYTES.labels(ByteSource.CACHE.value).inc(from_cache)
+            SERVED_BYTES.labels(ByteSource.UPSTREAM.value).inc(span.length - from_cache)
+        CACHE_READS.labels(outcome.value).inc()
+        return response
+
+    async def _first_bytes_ready(self, entry: Entry, offset: int) -> None:
+        """Before the status line goes out, make sure the version still holds: wait for
+        the first needed byte (a 412 on its block restarts the request cleanly)."""
+        block = entry.block_of(offset)
+        try:
+            fetch = self._filler.fetch(entry, block)
+        except CacheFull:
+            return
+        if fetch is not None:
+            await fetch.wait_past(offset)
+            if isinstance(fetch.error, VersionChanged):
+                raise fetch.error
+
+    async def _stream(
+        self, request: web.Request, response: web.StreamResponse, entry: Entry, start: int, end: int
+    ) -> None:
+        """Send bytes [start, end) of the entry: from the file where present, waiting
+        for fetches where not, straight from the upstream if the cache cannot help."""
+        position = start
+        failures = 0
+        last_block = entry.block_of(end - 1)
+        while position < end:
+            present_end = entry.present_until(position, end)
+            if present_end > position:
+                await self._send(request, response, entry, position, present_end)
+                position = present_end
+                continue
+            block = entry.block_of(position)
+            try:
+                fetch = self._filler.fetch(entry, block)
+                self._filler.read_ahead(entry, block, last_block)
+            except CacheFull:
+                await self._stream_uncached(request, response, entry, position, end)
+                return
+            if fetch is None:
+                continue
+            await fetch.wait_past(position)
+            available = min(fetch.filled_to, end)
+            if available > position:
+                await self._send(request, response, entry, position, available)
+                position = available
+            elif fetch.error is not None:
+                failures += 1
+                if isinstance(fetch.error, VersionChanged) or failures >= FETCH_ATTEMPTS:
+                    log.warning("aborting a response: %s", fetch.error)
+                    abort(request)
+                    return
+                if isinstance(fetch.error, CacheWriteError):
+                    await self._stream_uncached(request, response, entry, position, end)
+                    return
+
+    async def _send(
+        self, request: web.Request, response: web.StreamResponse, entry: Entry, start: int, end: int
+    ) -> None:
+        fd = await self._store.fd(entry)
+        await send_file_range(request, response, fd, start, end - start)
+
+    async def _stream_uncached(
+        self, request: web.Request, response: web.StreamResponse, entry: Entry, start: int, end: int
+    ) -> None:
+        """The cache cannot take these bytes: relay them from the upstream, same
+        version (If-Match), or abort the response."""
+        headers = {"Range": f"bytes={start}-{end - 1}", "If-Match": entry.meta.etag}
+        url = self._upstream.url(entry.bucket, entry.key)
+        try:
+            upstream_response = await self._upstream.request("GET", url, headers)
+            async with upstream_response:
+                if upstream_response.status != 206:
+                    raise FetchFailed(f"upstream answered {upstream_response.status}")
+                async for chunk in iter_body(upstream_response):
+                    await response.write(chunk)
+        except (FetchFailed, UpstreamBroken, ServiceUnavailable) as exc:
+            log.warning("aborting a response: uncached stream failed: %s", exc)
+            abort(request)
+
+
+def _present_bytes(entry: Entry, start: int, end: int) -> int:
+    """How many of bytes [start, end) are in blocks the cache holds."""
+    total = 0
+    for block in range(entry.block_of(start), entry.block_of(end - 1) + 1):
+        if block in entry.blocks:
+            block_start, block_end = entry.block_range(block)
+            total += min(block_end, end) - max(block_start, start)
+    return total
+
+
+def _outcome(from_cache: int, total: int) -> CacheOutcome:
+    if from_cache == total:
+        return CacheOutcome.HIT
+    return CacheOutcome.PARTIAL if from_cache else CacheOutcome.MISS
+
+
+def _is_suffix_range(header: str | None) -> bool:
+    return header is not None and header.strip().lower().startswith("bytes=-")

@@ -1,0 +1,1 @@
+"""The cache store: SQLite index, sparse block files, eviction. Knows nothing of HTTP."""

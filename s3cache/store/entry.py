@@ -1,0 +1,104 @@
+"""What the cache knows of one object version, in memory."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectMeta:
+    """An object version as the upstream described it."""
+
+    etag: str
+    size: int
+    last_modified: str  # as the upstream sent it (an HTTP date)
+    headers: tuple[tuple[str, str], ...]  # the other headers a GET/HEAD answers with
+
+
+class Entry:
+    """A cached object version: metadata, which blocks are in its file, who uses it.
+
+    ``fetches`` maps a missing block to the fill that is bringing it (see ``fill``);
+    ``pins`` counts readers and fills using the entry, which eviction must not touch.
+    """
+
+    __slots__ = (
+        "id",
+        "bucket",
+        "key",
+        "meta",
+        "dir",
+        "path",
+        "block_size",
+        "blocks",
+        "validated_at",
+        "accessed_at",
+        "pins",
+        "fetches",
+        "dropped",
+        "fd",
+        "revalidation",
+    )
+
+    def __init__(
+        self,
+        *,
+        id: int,
+        bucket: str,
+        key: str,
+        meta: ObjectMeta,
+        dir: int,
+        path: Path,
+        block_size: int,
+        blocks: dict[int, int],
+        validated_at: float,
+        accessed_at: float,
+    ) -> None:
+        self.id = id
+        self.bucket = bucket
+        self.key = key
+        self.meta = meta
+        self.dir = dir
+        self.path = path
+        self.block_size = block_size
+        self.blocks = blocks  # present block -> xxh3-64 of its bytes
+        self.validated_at = validated_at
+        self.accessed_at = accessed_at
+        self.pins = 0
+        self.fetches: dict[int, Any] = {}
+        self.dropped = False
+        self.fd: int | None = None
+        self.revalidation: asyncio.Future[None] | None = None
+
+    @property
+    def size(self) -> int:
+        return self.meta.size
+
+    @property
+    def block_count(self) -> int:
+        return -(-self.meta.size // self.block_size)
+
+    def block_of(self, offset: int) -> int:
+        return offset // self.block_size
+
+    def block_range(self, block: int) -> tuple[int, int]:
+        """Byte offsets [start, end) of a block."""
+        start = block * self.block_size
+        return start, min(start + self.block_size, self.meta.size)
+
+    def block_length(self, block: int) -> int:
+        start, end = self.block_range(block)
+        return end - start
+
+    def present_until(self, offset: int, limit: int) -> int:
+        """End (exclusive) of the run of present blocks from ``offset``, at most
+        ``limit``; ``offset`` itself if its block is missing."""
+        block = self.block_of(offset)
+        end = offset
+        while end < limit and block in self.blocks:
+            end = min(self.block_range(block)[1], limit)
+            block += 1
+        return end

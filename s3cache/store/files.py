@@ -1,0 +1,65 @@
+"""Block files: one sparse file per object version, named by a hash (no client-chosen
+name ever reaches the filesystem), spread over the cache directories.
+
+Every function here blocks; callers run them in an executor.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import xxhash
+
+DATA_DIR = "data"
+
+
+def file_name(bucket: str, key: str, etag: str) -> str:
+    """A new version of an object gets a new file: versions never share bytes."""
+    return xxhash.xxh3_128_hexdigest(f"{bucket}\0{key}\0{etag}".encode())
+
+
+def choose_dir(bucket: str, key: str, dir_count: int) -> int:
+    """Rendezvous hashing over the directories: adding a drive moves only its share."""
+    name = f"{bucket}\0{key}".encode()
+    return max(range(dir_count), key=lambda i: xxhash.xxh3_64_intdigest(name, seed=i))
+
+
+def file_path(cache_dir: Path, name: str) -> Path:
+    return cache_dir / DATA_DIR / name[:2] / name
+
+
+def create_sparse(path: Path, size: int) -> int:
+    """Create (or truncate) the file at ``size`` bytes, all holes; return an fd."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    os.ftruncate(fd, size)
+    return fd
+
+
+def open_existing(path: Path) -> int:
+    return os.open(path, os.O_RDWR | os.O_CLOEXEC)
+
+
+def write_at(fd: int, offset: int, data: bytes | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        offset += written
+        view = view[written:]
+
+
+def read_at(fd: int, offset: int, length: int) -> bytes:
+    return os.pread(fd, length, offset)
+
+
+def unlink(path: Path) -> None:
+    path.unlink(missing_ok=True)
+
+
+def list_files(cache_dir: Path) -> list[str]:
+    """Every block file name under a cache dir (used by the background orphan sweep)."""
+    root = cache_dir / DATA_DIR
+    if not root.is_dir():
+        return []
+    return [name for sub in os.scandir(root) if sub.is_dir() for name in os.listdir(sub.path)]

@@ -1,0 +1,218 @@
+"""The durable index: SQLite in WAL mode, beside the data.
+
+One connection, used from one thread only (the store's index executor); every method
+here is blocking and is never called on the event loop.
+
+    entries  one row per cached object version: identity, S3 metadata, where its file
+             is, how many bytes of it are present, when it was last validated and read
+    blocks   one row per present block, with the xxh3-64 of its bytes
+
+A block row is inserted only after the block's bytes are in the file; an entry's rows
+are deleted (and committed) before its file is unlinked (``store.cache``).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS entries (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,  -- never reused: a late fill of a dropped
+                                           -- entry cannot land in a new one
+    bucket TEXT NOT NULL,
+    key TEXT NOT NULL,
+    etag TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    last_modified TEXT NOT NULL,
+    headers TEXT NOT NULL,
+    dir INTEGER NOT NULL,
+    file TEXT NOT NULL,
+    block_size INTEGER NOT NULL,
+    present_bytes INTEGER NOT NULL DEFAULT 0,
+    validated_at REAL NOT NULL,
+    accessed_at REAL NOT NULL,
+    UNIQUE (bucket, key)
+);
+CREATE INDEX IF NOT EXISTS entries_by_access ON entries (accessed_at);
+CREATE TABLE IF NOT EXISTS blocks (
+    entry_id INTEGER NOT NULL REFERENCES entries (id) ON DELETE CASCADE,
+    block INTEGER NOT NULL,
+    xxh3 INTEGER NOT NULL,
+    PRIMARY KEY (entry_id, block)
+) WITHOUT ROWID;
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class EntryRow:
+    id: int
+    bucket: str
+    key: str
+    etag: str
+    size: int
+    last_modified: str
+    headers: tuple[tuple[str, str], ...]
+    dir: int
+    file: str
+    block_size: int
+    present_bytes: int
+    validated_at: float
+    accessed_at: float
+    blocks: dict[int, int]  # block number -> xxh3-64
+
+
+_ENTRY_COLUMNS = (
+    "id, bucket, key, etag, size, last_modified, headers, dir, file, block_size, "
+    "present_bytes, validated_at, accessed_at"
+)
+
+
+class Index:
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        # WAL + NORMAL: a commit survives a process crash; an OS crash may lose the
+        # last commits, never consistency. Block hashes catch what the disk lost.
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self._db.close()
+
+    def used_bytes(self) -> int:
+        (total,) = self._db.execute(
+            "SELECT COALESCE(SUM(present_bytes), 0) FROM entries"
+        ).fetchone()
+        return int(total)
+
+    def entry_count(self) -> int:
+        (count,) = self._db.execute("SELECT COUNT(*) FROM entries").fetchone()
+        return int(count)
+
+    def get(self, bucket: str, key: str) -> EntryRow | None:
+        row = self._db.execute(
+            f"SELECT {_ENTRY_COLUMNS} FROM entries WHERE bucket = ? AND key = ?", (bucket, key)
+        ).fetchone()
+        if row is None:
+            return None
+        blocks = {
+            block: unsigned64(xxh3)
+            for block, xxh3 in self._db.execute(
+                "SELECT block, xxh3 FROM blocks WHERE entry_id = ?", (row[0],)
+            )
+        }
+        entry_id, bucket, key_, etag, size, modified, headers, *rest = row
+        directory, file, block_size, present, validated, accessed = rest
+        return EntryRow(
+            id=entry_id,
+            bucket=bucket,
+            key=key_,
+            etag=etag,
+            size=size,
+            last_modified=modified,
+            headers=_decode_headers(headers),
+            dir=directory,
+            file=file,
+            block_size=block_size,
+            present_bytes=present,
+            validated_at=validated,
+            accessed_at=accessed,
+            blocks=blocks,
+        )
+
+    def insert(self, row: EntryRow) -> int:
+        """Insert a new entry (replacing any row of the same key) and return its id."""
+        with self._db:
+            self._db.execute(
+                "DELETE FROM entries WHERE bucket = ? AND key = ?", (row.bucket, row.key)
+            )
+            cursor = self._db.execute(
+                "INSERT INTO entries (bucket, key, etag, size, last_modified, headers, dir, file,"
+                " block_size, present_bytes, validated_at, accessed_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?)",
+                (
+                    row.bucket,
+                    row.key,
+                    row.etag,
+                    row.size,
+                    row.last_modified,
+                    json.dumps(row.headers),
+                    row.dir,
+                    row.file,
+                    row.block_size,
+                    row.validated_at,
+                    row.accessed_at,
+                ),
+            )
+        assert cursor.lastrowid is not None
+        return cursor.lastrowid
+
+    def add_block(self, entry_id: int, block: int, nbytes: int, xxh3: int) -> bool:
+        """Record a block as present; False if the entry is gone meanwhile."""
+        with self._db:
+            updated = self._db.execute(
+                "UPDATE entries SET present_bytes = present_bytes + ? WHERE id = ?",
+                (nbytes, entry_id),
+            ).rowcount
+            if not updated:
+                return False
+            self._db.execute(
+                "INSERT OR REPLACE INTO blocks (entry_id, block, xxh3) VALUES (?, ?, ?)",
+                (entry_id, block, _signed64(xxh3)),
+            )
+        return True
+
+    def remove_block(self, entry_id: int, block: int, nbytes: int) -> None:
+        with self._db:
+            if self._db.execute(
+                "DELETE FROM blocks WHERE entry_id = ? AND block = ?", (entry_id, block)
+            ).rowcount:
+                self._db.execute(
+                    "UPDATE entries SET present_bytes = present_bytes - ? WHERE id = ?",
+                    (nbytes, entry_id),
+                )
+
+    def delete(self, entry_ids: Iterable[int]) -> None:
+        with self._db:
+            self._db.executemany("DELETE FROM entries WHERE id = ?", [(i,) for i in entry_ids])
+
+    def touch(self, accessed: Iterable[tuple[float, int]]) -> None:
+        """Batched access-time updates: (accessed_at, entry id) pairs."""
+        with self._db:
+            self._db.executemany("UPDATE entries SET accessed_at = ? WHERE id = ?", accessed)
+
+    def set_validated(self, entry_id: int, validated_at: float) -> None:
+        with self._db:
+            self._db.execute(
+                "UPDATE entries SET validated_at = ? WHERE id = ?", (validated_at, entry_id)
+            )
+
+    def least_recently_used(self, limit: int) -> list[tuple[int, str, str, int, str, int]]:
+        """(id, bucket, key, dir, file, present_bytes) of the coldest entries first."""
+        return self._db.execute(
+            "SELECT id, bucket, key, dir, file, present_bytes FROM entries"
+            " ORDER BY accessed_at LIMIT ?",
+            (limit,),
+        ).fetchall()
+
+    def files(self) -> set[tuple[int, str]]:
+        return set(self._db.execute("SELECT dir, file FROM entries"))
+
+
+def _decode_headers(text: str) -> tuple[tuple[str, str], ...]:
+    return tuple((name, value) for name, value in json.loads(text))
+
+
+def _signed64(value: int) -> int:
+    """SQLite integers are signed 64-bit."""
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+def unsigned64(value: int) -> int:
+    return value + (1 << 64) if value < 0 else value

@@ -1,0 +1,502 @@
+"""send_file_range() on a real aiohttp server under uvloop, spoken to over real sockets.
+
+Every test runs twice: once forced onto the zero-copy path (``sendfile``) and once onto
+the chunked fallback. The server runs on its own uvloop loop in a background thread,
+inside ``blockbuster_ctx()``, so any blocking call made on its loop fails the request.
+Clients are plain blocking sockets, http.client, and an aiohttp client on its own loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import http.client
+import os
+import random
+import shutil
+import socket
+import ssl
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import uvloop
+from aiohttp import web
+from blockbuster import blockbuster_ctx
+
+from s3cache.server import sendfile
+from s3cache.server.sendfile import send_file_range
+
+KiB = 1024
+MiB = 1024 * KiB
+SIZES = {"empty": 0, "one": 1, "small": 64 * KiB, "four": 4 * MiB, "big": 20 * MiB}
+POOL_THREADS = 4
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("sendfile")
+
+
+@pytest.fixture(scope="module")
+def files(root: Path) -> dict[str, bytes]:
+    """name -> content of the files served from ``root``."""
+    rng = random.Random(20261127)
+    out = {}
+    for name, size in SIZES.items():
+        out[name] = rng.randbytes(size)
+        (root / name).write_bytes(out[name])
+    return out
+
+
+# --- the server ------------------------------------------------------------------------
+
+
+class _BufferedHeaders(web.StreamResponse):
+    """A response whose headers aiohttp holds back until the first body write, as it
+    does for web.Response (aiohttp >= 3.10, StreamWriter.send_headers)."""
+
+    _send_headers_immediately = False
+
+
+@dataclass
+class Server:
+    """An aiohttp app on uvloop in a thread. Handlers serve files with send_file_range."""
+
+    root: Path
+    loop_factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    ssl_context: ssl.SSLContext | None = None
+    port: int = 0
+    loop: asyncio.AbstractEventLoop | None = None
+    loop_errors: list[dict[str, Any]] = field(default_factory=list)
+    outcomes: dict[str, str] = field(default_factory=dict)  # tag -> "ok" or exception name
+    peers: list[tuple[str, int]] = field(default_factory=list)
+    tasks: dict[str, asyncio.Task[Any]] = field(default_factory=dict)
+    _started: threading.Event = field(default_factory=threading.Event)
+    _stop: asyncio.Event | None = None
+    _thread: threading.Thread | None = None
+
+    def __enter__(self) -> Server:
+        self._thread = threading.Thread(target=self._run, name="test-server")
+        self._thread.start()
+        assert self._started.wait(10), "server did not start"
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        assert self.loop is not None and self._stop is not None
+        self.loop.call_soon_threadsafe(self._stop.set)
+        assert self._thread is not None
+        self._thread.join(30)
+        assert not self._thread.is_alive()
+
+    def url(self, path: str) -> str:
+        scheme = "https" if self.ssl_context else "http"
+        return f"{scheme}://127.0.0.1:{self.port}{path}"
+
+    def _run(self) -> None:
+        with asyncio.Runner(loop_factory=self.loop_factory) as runner:
+            runner.run(self._serve())
+
+    async def _serve(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.loop.set_exception_handler(lambda _loop, ctx: self.loop_errors.append(ctx))
+        self._stop = asyncio.Event()
+        app = web.Application()
+        app.router.add_route("*", "/file/{name}", self._file)
+        app.router.add_get("/regions/{name}", self._regions)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=self.ssl_context)
+        await site.start()
+        self.port = runner.addresses[0][1]
+        self._started.set()
+        try:
+            await self._stop.wait()
+        finally:
+            await runner.cleanup()
+
+    async def _open(self, name: str) -> int:
+        return await asyncio.to_thread(os.open, self.root / name, os.O_RDONLY)
+
+    async def _file(self, request: web.Request) -> web.StreamResponse:
+        """GET /file/NAME?offset=&count=&tag=&declare=: the range as the whole body."""
+        q = request.query
+        tag = q.get("tag", "")
+        self.peers.append(request.transport.get_extra_info("peername"))  # type: ignore[union-attr]
+        self.tasks[tag] = asyncio.current_task()  # type: ignore[assignment]
+        fd = await self._open(request.match_info["name"])
+        try:
+            size = os.fstat(fd).st_size
+            offset = int(q.get("offset", 0))
+            count = int(q.get("count", size - offset))
+            response = web.StreamResponse()
+            response.content_length = int(q.get("declare", count))
+            await response.prepare(request)
+            await send_file_range(request, response, fd, offset, count)
+            await response.write_eof()
+            self.outcomes[tag] = "ok"
+            return response
+        except BaseException as exc:
+            self.outcomes[tag] = type(exc).__name__
+            raise
+        finally:
+            os.close(fd)
+
+    async def _regions(self, request: web.Request) -> web.StreamResponse:
+        """GET /regions/NAME?r=OFF:LEN,...&w=N: for each region, a literal marker from
+        response.write() then the region; ``w`` extra bytes written before the first
+        region force a full transport buffer ahead of the raw send."""
+        regions = [tuple(map(int, r.split(":"))) for r in request.query["r"].split(",")]
+        lead = b"L" * int(request.query.get("w", 0))
+        fd = await self._open(request.match_info["name"])
+        try:
+            response = _BufferedHeaders()
+            response.content_length = len(lead) + sum(8 + n for _, n in regions) + 3
+            await response.prepare(request)
+            await response.write(lead)
+            for i, (offset, count) in enumerate(regions):
+                await response.write(b"<%06d>" % i)
+                await send_file_range(request, response, fd, offset, count)
+            await response.write(b"end")
+            await response.write_eof()
+            return response
+        finally:
+            os.close(fd)
+
+
+@pytest.fixture(params=["sendfile", "fallback"])
+def mode(request: pytest.FixtureRequest) -> Iterator[str]:
+    pool = ThreadPoolExecutor(POOL_THREADS, thread_name_prefix="test-sendfile")
+    sendfile.set_mode(request.param)
+    sendfile.set_executor(pool)
+    yield request.param
+    sendfile.set_mode("auto")
+    sendfile.set_executor(None)
+    pool.shutdown(wait=True)
+
+
+@pytest.fixture
+def server(root: Path, files: dict[str, bytes], mode: str) -> Iterator[Server]:
+    with blockbuster_ctx(), Server(root) as srv:
+        yield srv
+    assert srv.loop_errors == []
+
+
+# --- clients ---------------------------------------------------------------------------
+
+
+def http_get(conn: http.client.HTTPConnection, path: str, method: str = "GET") -> bytes:
+    conn.request(method, path)
+    response = conn.getresponse()
+    body = response.read()
+    assert response.status == 200, body[:200]
+    assert len(body) == int(response.headers["Content-Length"]) or method == "HEAD"
+    return body
+
+
+def fetch(server: Server, path: str) -> bytes:
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    try:
+        return http_get(conn, path)
+    finally:
+        conn.close()
+
+
+class RawClient:
+    """A GET over a bare socket, so the test decides when and how much to read."""
+
+    def __init__(self, server: Server, path: str, rcvbuf: int | None = None) -> None:
+        self.sock = socket.socket()
+        if rcvbuf:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        self.sock.settimeout(30)
+        self.sock.connect(("127.0.0.1", server.port))
+        self.sock.sendall(f"GET {path} HTTP/1.1\r\nHost: t\r\n\r\n".encode())
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += self.sock.recv(1)
+        self.length = int(
+            next(h for h in head.split(b"\r\n") if h.lower().startswith(b"content-length:"))
+            .split(b":")[1]
+            .strip()
+        )
+        self.body = bytearray()
+
+    def read(self, n: int) -> int:
+        """Read up to n body bytes; returns how many arrived (0 at EOF)."""
+        chunk = self.sock.recv(min(n, self.length - len(self.body)) or 1)
+        self.body += chunk
+        return len(chunk)
+
+    def read_to_end(self) -> bytes:
+        """Read until Content-Length or until the server closes the connection."""
+        try:
+            while len(self.body) < self.length and self.read(1 * MiB):
+                pass
+        except ConnectionResetError:
+            pass
+        return bytes(self.body)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.01)
+
+
+def pool_is_idle() -> bool:
+    """All POOL_THREADS workers can run at once: none is stuck in a send."""
+    barrier = threading.Barrier(POOL_THREADS + 1)
+    pool = sendfile._pool()
+    jobs = [pool.submit(barrier.wait, 5) for _ in range(POOL_THREADS)]
+    barrier.wait(5)
+    return all(job.result() >= 0 for job in jobs)
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def path_bytes(mode: str) -> int:
+    s = sendfile.stats()
+    return s.zero_copy_bytes if mode == "sendfile" else s.fallback_bytes
+
+
+# --- tests -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["empty", "one", "small", "big"])
+def test_whole_file(server: Server, files: dict[str, bytes], mode: str, name: str) -> None:
+    before = path_bytes(mode)
+    assert fetch(server, f"/file/{name}") == files[name]
+    # The forced path carried it (its books close just after the client has the bytes).
+    wait_for(lambda: path_bytes(mode) - before == len(files[name]))
+
+
+@pytest.mark.parametrize(
+    ("offset", "count"),
+    [(0, 1), (20 * MiB - 1, 1), (12345, 1 * MiB), (3 * MiB + 7, 9 * MiB), (0, 20 * MiB - 1)],
+)
+def test_ranges(server: Server, files: dict[str, bytes], offset: int, count: int) -> None:
+    body = fetch(server, f"/file/big?offset={offset}&count={count}")
+    assert body == files["big"][offset : offset + count]
+
+
+@pytest.mark.parametrize("lead", [0, 8 * MiB])
+def test_regions_interleaved_with_writes(
+    server: Server, files: dict[str, bytes], lead: int
+) -> None:
+    regions = [(0, 100), (5 * MiB, 3 * MiB), (5 * MiB, 1), (20 * MiB - 10, 10), (7, 65537)]
+    spec = ",".join(f"{o}:{n}" for o, n in regions)
+    body = fetch(server, f"/regions/big?r={spec}&w={lead}")
+    big = files["big"]
+    expected = b"L" * lead
+    expected += b"".join(b"<%06d>" % i + big[o : o + n] for i, (o, n) in enumerate(regions))
+    assert body == expected + b"end"
+
+
+def test_keep_alive_reuse(server: Server, files: dict[str, bytes]) -> None:
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    try:
+        big = files["big"]
+        assert http_get(conn, "/file/big") == big
+        local = conn.sock.getsockname()
+        assert http_get(conn, "/file/small") == files["small"]
+        assert http_get(conn, "/file/big?offset=1000&count=3000000") == big[1000:3001000]
+        assert http_get(conn, "/file/big", method="HEAD") == b""
+        assert http_get(conn, "/file/one") == files["one"]
+        assert conn.sock.getsockname() == local
+    finally:
+        conn.close()
+    assert len(server.peers) == 5 and len(set(server.peers)) == 1  # one connection
+
+
+@pytest.mark.parametrize("stall", [False, True], ids=["reading", "stalled"])
+def test_client_disconnects_midway(
+    server: Server, files: dict[str, bytes], mode: str, stall: bool
+) -> None:
+    fds = open_fds()
+    client = RawClient(server, "/file/big?tag=gone", rcvbuf=64 * KiB)
+    if not stall:
+        while len(client.body) < 1 * MiB:
+            client.read(64 * KiB)
+    time.sleep(0.2)  # the server is now waiting for the socket to drain
+    # Unread data in the receive buffer makes close() send RST.
+    client.close()
+    wait_for(lambda: "gone" in server.outcomes)
+    assert server.outcomes["gone"] in ("ConnectionResetError", "ClientConnectionResetError")
+    assert pool_is_idle()
+    assert fetch(server, "/file/big") == files["big"]  # still healthy
+    wait_for(lambda: open_fds() <= fds)  # no duplicate fd leaked
+
+
+def test_cancelled_mid_send(server: Server, files: dict[str, bytes], mode: str) -> None:
+    """The handler task is cancelled while a worker is sending: the connection must end
+    promptly with a short body, and nothing may keep sending."""
+    fds = open_fds()
+    client = RawClient(server, "/file/big?tag=cancel", rcvbuf=64 * KiB)
+    # A slow but steady reader keeps the worker busy inside its poll/sendfile loop.
+    while len(client.body) < 2 * MiB:
+        client.read(64 * KiB)
+        time.sleep(0.001)
+    assert server.loop is not None
+    server.loop.call_soon_threadsafe(server.tasks["cancel"].cancel)
+    wait_for(lambda: "cancel" in server.outcomes)
+    assert server.outcomes["cancel"] == "CancelledError"
+    started = time.monotonic()
+    body = client.read_to_end()  # drains what was sent before, then EOF or RST
+    assert time.monotonic() - started < 5
+    assert len(body) < len(files["big"])
+    assert body == files["big"][: len(body)]
+    client.close()
+    assert pool_is_idle()
+    assert fetch(server, "/file/small") == files["small"]
+    wait_for(lambda: open_fds() <= fds)
+
+
+def test_many_concurrent_clients(server: Server, files: dict[str, bytes]) -> None:
+    """64 concurrent 4 MiB reads through a pool of 4 threads: all complete, bytes exact."""
+    want = hashlib.sha256(files["four"]).hexdigest()
+
+    async def one(session: aiohttp.ClientSession) -> str:
+        async with session.get(server.url("/file/four")) as response:
+            assert response.status == 200
+            digest = hashlib.sha256()
+            async for chunk in response.content.iter_chunked(1 * MiB):
+                digest.update(chunk)
+            return digest.hexdigest()
+
+    async def run() -> list[str]:
+        connector = aiohttp.TCPConnector(limit=64)
+        async with aiohttp.ClientSession(connector=connector) as session:
+            return await asyncio.gather(*(one(session) for _ in range(64)))
+
+    assert asyncio.run(run()) == [want] * 64
+    assert pool_is_idle()
+
+
+def test_slow_readers_do_not_starve_a_fast_one(server: Server, files: dict[str, bytes]) -> None:
+    """Stalled and slow clients must not hold the pool: with one worker thread, a fast
+    client still gets 20 MiB quickly while eight others barely read."""
+    sendfile.set_executor(single := ThreadPoolExecutor(1))
+    try:
+        slow = [RawClient(server, f"/file/big?tag=slow{i}", rcvbuf=64 * KiB) for i in range(8)]
+        time.sleep(0.3)  # all eight now have a full socket buffer
+        for client in slow[:4]:  # half trickle, half stall
+            client.read(64 * KiB)
+        started = time.monotonic()
+        assert fetch(server, "/file/big") == files["big"]
+        fast = time.monotonic() - started
+        assert fast < 5, f"fast client took {fast:.1f} s behind slow ones"
+        for client in slow:
+            assert client.read_to_end() == files["big"]
+            client.close()
+    finally:
+        sendfile.set_executor(None)
+        single.shutdown(wait=True)
+
+
+def test_file_shorter_than_range_aborts(server: Server, files: dict[str, bytes]) -> None:
+    """The client must never take a short body as complete."""
+    client = RawClient(server, "/file/small?tag=short&offset=1000&count=70000")
+    body = client.read_to_end()
+    client.close()
+    assert len(body) < client.length == 70000
+    assert body == files["small"][1000 : 1000 + len(body)]
+    wait_for(lambda: "short" in server.outcomes)
+    assert server.outcomes["short"] == "EOFError"
+    assert fetch(server, "/file/one") == files["one"]
+
+
+def test_count_beyond_content_length_is_refused(server: Server) -> None:
+    client = RawClient(server, "/file/small?tag=over&count=1000&declare=999")
+    client.read_to_end()
+    client.close()
+    wait_for(lambda: "over" in server.outcomes)
+    assert server.outcomes["over"] == "ValueError"
+
+
+# --- path selection --------------------------------------------------------------------
+
+
+@pytest.fixture
+def auto_mode() -> Iterator[None]:
+    sendfile.set_mode("auto")
+    yield
+    sendfile.set_mode("auto")
+    sendfile.set_executor(None)
+
+
+@pytest.mark.parametrize("loop_factory", [uvloop.new_event_loop, asyncio.new_event_loop])
+def test_auto_is_zero_copy_on_plain_tcp(
+    root: Path,
+    files: dict[str, bytes],
+    auto_mode: None,
+    loop_factory: Callable[[], asyncio.AbstractEventLoop],
+) -> None:
+    with blockbuster_ctx(), Server(root, loop_factory=loop_factory) as server:
+        before = sendfile.stats()
+        assert fetch(server, "/file/big") == files["big"]
+        after = sendfile.stats()
+    assert after.zero_copy_bytes - before.zero_copy_bytes == len(files["big"])
+    assert server.loop_errors == []
+
+
+@pytest.fixture(scope="module")
+def tls(tmp_path_factory: pytest.TempPathFactory) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("needs the openssl command to make a certificate")
+    d = tmp_path_factory.mktemp("tls")
+    cert, key = d / "cert.pem", d / "key.pem"
+    subprocess.run(
+        [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
+         "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+         "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(cert, key)
+    client_ctx = ssl.create_default_context(cafile=str(cert))
+    return server_ctx, client_ctx
+
+
+def test_tls_takes_the_fallback(
+    root: Path,
+    files: dict[str, bytes],
+    auto_mode: None,
+    tls: tuple[ssl.SSLContext, ssl.SSLContext],
+) -> None:
+    server_ctx, client_ctx = tls
+    with blockbuster_ctx(), Server(root, ssl_context=server_ctx) as server:
+        conn = http.client.HTTPSConnection("127.0.0.1", server.port, context=client_ctx)
+        try:
+            before = sendfile.stats()
+            assert http_get(conn, "/file/big?offset=5&count=5000000") == files["big"][5:5000005]
+            after = sendfile.stats()
+            assert after.zero_copy_bytes == before.zero_copy_bytes
+            assert after.fallback_bytes - before.fallback_bytes == 5000000
+            sendfile.set_mode("sendfile")  # forcing zero-copy over TLS is refused
+            conn.request("GET", "/file/small?tag=forced")
+            with pytest.raises(http.client.IncompleteRead):  # 200 sent, then closed
+                conn.getresponse().read()
+        finally:
+            conn.close()
+    assert server.outcomes["forced"] == "RuntimeError"
+    assert server.loop_errors == []
+
+
+def test_set_mode_rejects_unknown() -> None:
+    with pytest.raises(ValueError):
+        sendfile.set_mode("splice")  # type: ignore[arg-type]
