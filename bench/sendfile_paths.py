@@ -14,12 +14,13 @@ socket reader that discards into a bytearray with recv_into. For each stream cou
 (``--streams``, 1 and 8) it runs ``--runs`` rounds, each alternating A B C D, and prints
 the median MB/s (1 MB = 10^6 bytes; for N streams, N x size / wall time of the batch),
 the server process's CPU seconds (user + system, all threads) per GB sent, and its peak
-RSS at the end. ``--set NAME=VALUE`` overrides a tuning constant of
-s3cache.server.sendfile in servers A and B (e.g. ``--set POLL_SECONDS=0``).
+RSS over the whole run. A variant may carry overrides of s3cache.server.sendfile's
+tuning constants, measured side by side with the default: ``--variants A,A+CORK=0,B``.
 
 A benchmark, not a test: it reports, it does not assert.
 
     .venv/bin/python bench/sendfile_paths.py [--size 256MiB] [--runs 5] [--streams 1,8]
+        [--variants A,B,C,D]
 """
 
 from __future__ import annotations
@@ -209,8 +210,8 @@ def main() -> None:
     parser.add_argument("--size", default="256MiB")
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--streams", default="1,8")
-    parser.add_argument("--variants", default="ABCD")
-    parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE")
+    parser.add_argument("--variants", default="A,B,C,D")
+    parser.add_argument("--set", action="append", default=[], help=argparse.SUPPRESS)
     parser.add_argument("--serve", choices=list(VARIANTS), help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--file", type=Path, help=argparse.SUPPRESS)
@@ -237,7 +238,7 @@ def main() -> None:
                 f.write(block)
             f.write(block[: size % MiB])
         path.read_bytes()  # into the page cache
-        servers = [start(v, path, args.set) for v in args.variants]
+        servers = [start(v, path) for v in args.variants.split(",")]
         try:
             print("method:")
             print(f"  machine: {machine()}")
@@ -245,9 +246,7 @@ def main() -> None:
             print(f"  client: {client}; {args.runs} rounds per stream count, A B C D alternating")
             print("  servers: one process each on 127.0.0.1:")
             for s in servers:
-                print(f"    {s.variant}  {VARIANTS[s.variant]}")
-            if args.set:
-                print(f"  overrides for A and B: {' '.join(args.set)}")
+                print(f"    {s.variant:<10} {VARIANTS[s.variant[0]]}")
             for s in servers:  # warm up: one GET each
                 get(f"http://127.0.0.1:{s.port}/")
             for streams in stream_counts:
@@ -261,9 +260,11 @@ def main() -> None:
                 s.process.wait(10)
 
 
-def start(variant: str, path: Path, overrides: list[str]) -> Server:
+def start(variant: str, path: Path) -> Server:
+    """Start a server for ``X`` or ``X+NAME=VALUE+...`` (overrides for A and B)."""
+    base, *overrides = variant.split("+")
     port = free_port()
-    cmd = [sys.executable, __file__, "--serve", variant, "--port", str(port), "--file", str(path)]
+    cmd = [sys.executable, __file__, "--serve", base, "--port", str(port), "--file", str(path)]
     for item in overrides:
         cmd += ["--set", item]
     process = subprocess.Popen(cmd)
@@ -286,15 +287,17 @@ def measure(server: Server, get: object, streams: int, size: int) -> None:
 
 def report(servers: list[Server], stream_counts: list[int]) -> None:
     print()
-    print("variant  streams  MB/s median  (min-max)        CPU s/GB median  peak RSS MiB")
+    print(f"{'variant':<12}{'streams':>7}{'MB/s':>8}{'min-max':>12}{'CPU s/GB':>10}{'RSS MiB':>9}")
     for streams in stream_counts:
         for s in servers:
             speeds = s.speeds[streams]
+            spread = f"{min(speeds):.0f}-{max(speeds):.0f}"
             print(
-                f"{s.variant:<8} {streams:>7}  {statistics.median(speeds):>11.0f}  "
-                f"({min(speeds):.0f}-{max(speeds):.0f}){'':<{14 - len(f'{min(speeds):.0f}-{max(speeds):.0f}')}}"
-                f"{statistics.median(s.cpu[streams]):>9.3f}  {s.peak_rss_mib():>14.0f}"
+                f"{s.variant:<12}{streams:>7}{statistics.median(speeds):>8.0f}{spread:>12}"
+                f"{statistics.median(s.cpu[streams]):>10.3f}{s.peak_rss_mib():>9.0f}"
             )
+    print("MB/s: median (and range) over the rounds; CPU s/GB: server process, median;")
+    print("RSS: the server's peak resident memory over the whole run.")
 
 
 if __name__ == "__main__":

@@ -248,6 +248,12 @@ class Settings:
     fill_object_concurrency: int = _setting(
         8, _positive_int, "ranged upstream GETs filling one object at once"
     )
+    debug_blocking: bool = _setting(
+        False,
+        parse_bool,
+        "test aid: raise on blocking calls made by s3cache on the event loop "
+        "(needs the blockbuster package)",
+    )
     log_level: str = _setting(
         "info", parse_choice("debug", "info", "warning", "error"), "log level"
     )

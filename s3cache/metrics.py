@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 
-from prometheus_client import REGISTRY, Counter, Gauge
+from prometheus_client import REGISTRY, Counter, Gauge, generate_latest
 
 
 class CacheOutcome(enum.Enum):
@@ -46,6 +46,18 @@ CACHE_EVICTED_BYTES = Counter("s3cache_cache_evicted_bytes_total", "Bytes evicte
 FILLS_IN_FLIGHT = Gauge("s3cache_fills_in_flight", "Block fetches in flight")
 
 
-def sample(name: str, **labels: str) -> float:
-    """The current value of one of the metrics above (0 if never set)."""
-    return REGISTRY.get_sample_value(name, labels) or 0.0
+def sample(metric: Counter | Gauge, **labels: str) -> float:
+    """The current value of one of the metrics above (0 if never set). Reads only
+    that metric: no collector of the registry (some read /proc) runs."""
+    for family in metric.collect():
+        for point in family.samples:
+            if point.name.endswith("_created"):
+                continue
+            if point.labels == labels:
+                return float(point.value)
+    return 0.0
+
+
+def exposition() -> bytes:
+    """The Prometheus text format of every metric (blocking: /proc is read)."""
+    return generate_latest(REGISTRY)

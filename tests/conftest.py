@@ -72,9 +72,11 @@ def s3cache(
         tmp_path_factory.mktemp("s3cache"),
         upstream,
         extra_args=["--virtual-host-domain", VIRTUAL_HOST_DOMAIN],
+        debug_blocking=True,
     )
     with proxy:
         yield proxy
+    assert proxy.blocking_calls() == []
 
 
 ClientFactory = Callable[..., Any]

@@ -3,6 +3,7 @@ between: what s3cache asks of the upstream is counted on the upstream's side."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import threading
@@ -84,31 +85,32 @@ def _client(endpoint_url: str, upstream: SeaweedS3, **config: Any) -> Any:
     )
 
 
-def start_cached(
+@contextlib.contextmanager
+def running_cache(
     tmp_path: Path, upstream: SeaweedS3, *extra: str, cache_size: str = "64MiB"
-) -> tuple[Relay, S3CacheProcess]:
-    relay = Relay(upstream.endpoint_url)
-    relay.start()
-    proxy = S3CacheProcess(
-        tmp_path,
-        upstream,
-        upstream_endpoint=relay.endpoint_url,
-        extra_args=["--block-size", str(BLOCK), "--cache-size", cache_size, *extra],
-    )
-    proxy.start()
-    return relay, proxy
+) -> Iterator[Cached]:
+    """s3cache (failing on any blocking call on its event loop) behind a relay."""
+    with Relay(upstream.endpoint_url) as relay:
+        proxy = S3CacheProcess(
+            tmp_path,
+            upstream,
+            upstream_endpoint=relay.endpoint_url,
+            extra_args=["--block-size", str(BLOCK), "--cache-size", cache_size, *extra],
+            debug_blocking=True,
+        )
+        with proxy:
+            cached = Cached(proxy, relay, upstream)
+            try:
+                yield cached
+            finally:
+                cached.close()
+        assert proxy.blocking_calls() == []
 
 
 @pytest.fixture
 def cached(tmp_path: Path, upstream: SeaweedS3) -> Iterator[Cached]:
-    relay, proxy = start_cached(tmp_path, upstream)
-    cached = Cached(proxy, relay, upstream)
-    try:
+    with running_cache(tmp_path, upstream) as cached:
         yield cached
-    finally:
-        cached.close()
-        proxy.stop()
-        relay.stop()
 
 
 def put(cached: Cached, bucket: str, key: str, size: int, **extra: Any) -> bytes:
@@ -357,9 +359,8 @@ def test_writes_through_s3cache_invalidate_at_once(cached: Cached, bucket: str) 
 def test_overwrite_at_upstream_is_seen_after_ttl(
     tmp_path: Path, upstream: SeaweedS3, bucket: str
 ) -> None:
-    relay, proxy = start_cached(tmp_path, upstream, "--cache-ttl", "0s")
-    try:
-        cached = Cached(proxy, relay, upstream)
+    with running_cache(tmp_path, upstream, "--cache-ttl", "0s") as cached:
+        relay = cached.relay
         put(cached, bucket, "o", 3 * BLOCK)
         get(cached.client, bucket, "o")
         new = os.urandom(2 * BLOCK)
@@ -374,10 +375,6 @@ def test_overwrite_at_upstream_is_seen_after_ttl(
         with pytest.raises(ClientError) as excinfo:
             get(cached.client, bucket, "o")
         assert excinfo.value.response["Error"]["Code"] == "NoSuchKey"
-    finally:
-        cached.close()
-        proxy.stop()
-        relay.stop()
 
 
 def test_overwrite_during_a_read_never_mixes_versions(cached: Cached, bucket: str) -> None:
@@ -425,9 +422,8 @@ def test_restart_serves_every_complete_block_without_upstream(cached: Cached, bu
 def test_eviction_keeps_usage_under_the_size(
     tmp_path: Path, upstream: SeaweedS3, bucket: str
 ) -> None:
-    relay, proxy = start_cached(tmp_path, upstream, cache_size="2MiB")
-    try:
-        cached = Cached(proxy, relay, upstream)
+    with running_cache(tmp_path, upstream, cache_size="2MiB") as cached:
+        relay = cached.relay
         bodies = {f"e{i}": put(cached, bucket, f"e{i}", 2 * BLOCK) for i in range(12)}
         for key, body in bodies.items():
             assert get(cached.client, bucket, key) == body
@@ -444,18 +440,12 @@ def test_eviction_keeps_usage_under_the_size(
         assert relay.records() == []
         assert get(cached.client, bucket, "e0") == bodies["e0"]  # oldest: evicted
         assert relay.count("GET") > 0
-    finally:
-        cached.close()
-        proxy.stop()
-        relay.stop()
 
 
 def test_object_larger_than_the_cache_is_served_uncached(
     tmp_path: Path, upstream: SeaweedS3, bucket: str
 ) -> None:
-    relay, proxy = start_cached(tmp_path, upstream, cache_size="1MiB")
-    try:
-        cached = Cached(proxy, relay, upstream)
+    with running_cache(tmp_path, upstream, cache_size="1MiB") as cached:
         body = put(cached, bucket, "huge", 6 * BLOCK)
         for _ in range(2):
             assert hashlib.sha256(get(cached.client, bucket, "huge")).digest() == (
@@ -463,10 +453,6 @@ def test_object_larger_than_the_cache_is_served_uncached(
             )
         assert cached.stats()["used_bytes"] == 0
         assert cached.stats()["reads"]["bypass"] >= 2
-    finally:
-        cached.close()
-        proxy.stop()
-        relay.stop()
 
 
 def test_empty_object(cached: Cached, bucket: str) -> None:

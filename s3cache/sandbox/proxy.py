@@ -46,6 +46,7 @@ class S3CacheProcess:
         *,
         extra_args: list[str] | None = None,
         upstream_endpoint: str | None = None,
+        debug_blocking: bool = False,
     ) -> None:
         self.workdir = workdir
         self.port = free_port()
@@ -54,6 +55,7 @@ class S3CacheProcess:
         self._upstream = upstream
         self._upstream_endpoint = upstream_endpoint or upstream.endpoint_url
         self._extra_args = extra_args or []
+        self.debug_blocking = debug_blocking
         self._process: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
 
@@ -71,6 +73,8 @@ class S3CacheProcess:
             self._upstream.region,
             "--cache-dir",
             str(self.workdir / "cache"),
+            "--debug-blocking",
+            "true" if self.debug_blocking else "false",
             *self._extra_args,
         ]
 
@@ -121,6 +125,14 @@ class S3CacheProcess:
     @property
     def pid(self) -> int | None:
         return self._process.pid if self._process else None
+
+    def blocking_calls(self) -> list[str]:
+        """Log lines of blocking calls caught on the event loop (with debug_blocking)."""
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return []
+        return [line for line in text.splitlines() if "BlockingError" in line]
 
     def log_tail(self, lines: int = 40) -> str:
         try:

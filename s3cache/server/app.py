@@ -61,6 +61,10 @@ async def serve(settings: Settings, started: asyncio.Event | None = None) -> Non
     site = web.TCPSite(runner, host, port, reuse_address=True)
     await site.start()
     log.info("s3cache listening on http://%s:%d", host, port)
+    if settings.debug_blocking:
+        # Start-up may block (reading AWS config files, opening the index); serving
+        # must not.
+        _fail_on_blocking_calls()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -72,3 +76,17 @@ async def serve(settings: Settings, started: asyncio.Event | None = None) -> Non
     finally:
         log.info("stopping: draining in-flight requests")
         await runner.cleanup()
+
+
+def _fail_on_blocking_calls() -> None:
+    """Make every blocking call (file I/O, SQLite, sleep…) that s3cache's own code
+    makes on the event loop raise BlockingError. Tests run s3cache this way."""
+    from blockbuster import BlockBuster
+
+    buster = BlockBuster(scanned_modules=["s3cache"])
+    # prometheus-client guards each metric with an in-memory lock that is never held
+    # across I/O; s3cache itself takes no threading locks on the loop.
+    buster.functions["threading.Lock.acquire"].deactivate()
+    buster.functions["threading.Lock.acquire_lock"].deactivate()
+    buster.activate()
+    log.info("debug_blocking: blocking calls on the event loop will raise")

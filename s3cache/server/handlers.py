@@ -2,16 +2,27 @@
 
 from __future__ import annotations
 
+import asyncio
 import xml.etree.ElementTree as ET
 
-import prometheus_client
 from aiohttp import web
 
 from s3cache.config import Settings
 from s3cache.errors import NoSuchKey
 from s3cache.fill import Filler
 from s3cache.forward import forward, relay_response, response_headers, send_upstream
-from s3cache.metrics import ByteSource, CacheOutcome, sample
+from s3cache.metrics import (
+    CACHE_EVICTED_BYTES,
+    CACHE_EVICTIONS,
+    CACHE_READS,
+    FILLS_IN_FLIGHT,
+    SERVED_BYTES,
+    UPSTREAM_BLOCK_FETCHES,
+    ByteSource,
+    CacheOutcome,
+    exposition,
+    sample,
+)
 from s3cache.reader import Reader
 from s3cache.s3.addressing import S3Address, resolve
 from s3cache.store.cache import CacheStore
@@ -93,23 +104,16 @@ async def handle_admin(request: web.Request) -> web.StreamResponse:
     if name == "stats":
         return web.json_response(stats(request.app))
     if name == "metrics":
-        return web.Response(
-            body=prometheus_client.generate_latest(), content_type="text/plain", charset="utf-8"
-        )
+        body = await asyncio.get_running_loop().run_in_executor(None, exposition)
+        return web.Response(body=body, content_type="text/plain", charset="utf-8")
     raise NoSuchKey("No such s3cache admin endpoint.", resource=request.path)
 
 
 def stats(app: web.Application) -> dict[str, object]:
     """The cache at a glance, as JSON."""
     store = app[STORE]
-    reads = {
-        outcome.value: sample("s3cache_cache_reads_total", outcome=outcome.value)
-        for outcome in CacheOutcome
-    }
-    served = {
-        source.value: sample("s3cache_served_bytes_total", source=source.value)
-        for source in ByteSource
-    }
+    reads = {outcome.value: sample(CACHE_READS, outcome=outcome.value) for outcome in CacheOutcome}
+    served = {source.value: sample(SERVED_BYTES, source=source.value) for source in ByteSource}
     served_total = sum(served.values())
     return {
         "capacity_bytes": store.capacity,
@@ -118,8 +122,8 @@ def stats(app: web.Application) -> dict[str, object]:
         "reads": reads,
         "served_bytes": served,
         "byte_hit_ratio": served["cache"] / served_total if served_total else None,
-        "upstream_block_fetches": sample("s3cache_upstream_block_fetches_total"),
-        "fills_in_flight": sample("s3cache_fills_in_flight"),
-        "evictions": sample("s3cache_cache_evictions_total"),
-        "evicted_bytes": sample("s3cache_cache_evicted_bytes_total"),
+        "upstream_block_fetches": sample(UPSTREAM_BLOCK_FETCHES),
+        "fills_in_flight": sample(FILLS_IN_FLIGHT),
+        "evictions": sample(CACHE_EVICTIONS),
+        "evicted_bytes": sample(CACHE_EVICTED_BYTES),
     }

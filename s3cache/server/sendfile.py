@@ -85,6 +85,12 @@ POLL_SECONDS: Final = 0.005
 # Fallback read size. Memory bound per stream: about two chunks (one being written, one
 # read ahead) plus the transport's high-water mark.
 FALLBACK_CHUNK: Final = 1 << 20
+# Cork the socket (Linux TCP_CORK) while a range streams, uncork when it ends. aiohttp
+# sets TCP_NODELAY, which makes sendfile emit a short segment whenever the send buffer
+# frees a little room; corked, only full segments go out. Uncorking at the end of every
+# call pushes the tail at once, so there is no cork stall between keep-alive responses.
+# Measured in bench/sendfile_paths.py.
+CORK: Final = False
 
 _SENDFILE_ERRORS_MEANING_GONE: Final = frozenset(
     {errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.ESHUTDOWN, errno.ETIMEDOUT}
@@ -234,17 +240,18 @@ class _Stop:
 async def _send_zero_copy(
     transport: asyncio.Transport, writer: AbstractStreamWriter, fd: int, offset: int, count: int
 ) -> None:
-    writer.send_headers()
-    await _drain_completely(transport, writer)
-    if transport.is_closing():
-        raise ConnectionResetError("client connection closed")
-    # The loop's own duplicate of the socket: for add_writer and for shutdown. Made now,
-    # while the transport (and so its fd) is certainly open.
+    # The loop's own duplicate of the socket: for add_writer, TCP_CORK and shutdown.
+    # Made now, while the transport (and so its fd) is certainly open.
     sock = socket.socket(fileno=os.dup(transport.get_extra_info("socket").fileno()))
+    corked = CORK and _set_cork(sock, True)
     stop = _Stop()
     loop = asyncio.get_running_loop()
     sent = 0
     try:
+        writer.send_headers()
+        await _drain_completely(transport, writer)
+        if transport.is_closing():
+            raise ConnectionResetError("client connection closed")
         while sent < count:
             n, blocked = await _run_slice(sock, stop, fd, offset + sent, count - sent)
             sent += n
@@ -262,8 +269,22 @@ async def _send_zero_copy(
         with contextlib.suppress(OSError):
             sock.shutdown(socket.SHUT_RDWR)
         raise
+    else:
+        if corked:
+            _set_cork(sock, False)  # pushes the last partial segment out now
     finally:
         sock.close()
+
+
+def _set_cork(sock: socket.socket, on: bool) -> bool:
+    """TCP_CORK on a TCP socket; False where there is none (not Linux, not TCP)."""
+    if sock.family not in (socket.AF_INET, socket.AF_INET6) or not hasattr(socket, "TCP_CORK"):
+        return False
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, int(on))
+    except OSError:
+        return False
+    return True
 
 
 def _charge(writer: AbstractStreamWriter, n: int) -> None:

@@ -85,12 +85,12 @@ class CacheStore:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await self._flush_access_times()
-        for entry in self._view.values():
-            _close_fd(entry)
+        entries = list(self._view.values())
         self._view.clear()
+        await _run(_close_fds, entries)
         if self._index is not None:
             await self._in_index_thread(self._index.close)
-        self._index_thread.shutdown()
+        self._index_thread.shutdown(wait=False)  # idle: the index was closed above
 
     async def _in_index_thread(self, function: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._index_thread, function, *args)
@@ -345,6 +345,11 @@ class CacheStore:
         return any(
             entry.dir == directory and entry.path.name == name for entry in self._view.values()
         )
+
+
+def _close_fds(entries: list[Entry]) -> None:
+    for entry in entries:
+        _close_fd(entry)
 
 
 def _close_fd(entry: Entry) -> None:
