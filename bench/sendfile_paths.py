@@ -224,12 +224,11 @@ def main() -> None:
     stream_counts = [int(s) for s in args.streams.split(",")]
     curl = shutil.which("curl")
     get = curl_get if curl else socket_get
-    client = (
-        f"curl ({subprocess.run([curl, '--version'], capture_output=True, text=True).stdout.split()[1]})"
-        " -s -o /dev/null"
-        if curl
-        else "Python socket reader, recv_into a 1 MiB bytearray"
-    )
+    if curl:
+        curl_version = subprocess.run([curl, "--version"], capture_output=True, text=True)
+        client = f"curl {curl_version.stdout.split()[1]} -s -o /dev/null -w %{{speed_download}}"
+    else:
+        client = "Python socket reader, recv_into a 1 MiB bytearray, discarded"
     with tempfile.TemporaryDirectory(prefix="sendfile-bench-") as tmp:
         path = Path(tmp) / "object"
         with path.open("wb") as f:

@@ -87,7 +87,11 @@ def _client(endpoint_url: str, upstream: SeaweedS3, **config: Any) -> Any:
 
 @contextlib.contextmanager
 def running_cache(
-    tmp_path: Path, upstream: SeaweedS3, *extra: str, cache_size: str = "64MiB"
+    tmp_path: Path,
+    upstream: SeaweedS3,
+    *extra: str,
+    cache_size: str = "64MiB",
+    max_file_size: int | None = None,
 ) -> Iterator[Cached]:
     """s3cache (failing on any blocking call on its event loop) behind a relay."""
     with Relay(upstream.endpoint_url) as relay:
@@ -97,6 +101,7 @@ def running_cache(
             upstream_endpoint=relay.endpoint_url,
             extra_args=["--block-size", str(BLOCK), "--cache-size", cache_size, *extra],
             debug_blocking=True,
+            max_file_size=max_file_size,
         )
         with proxy:
             cached = Cached(proxy, relay, upstream)
@@ -453,6 +458,21 @@ def test_object_larger_than_the_cache_is_served_uncached(
             )
         assert cached.stats()["used_bytes"] == 0
         assert cached.stats()["reads"]["bypass"] >= 2
+
+
+def test_object_the_disk_refuses_is_served_uncached(
+    tmp_path: Path, upstream: SeaweedS3, bucket: str
+) -> None:
+    """The kernel refuses files over 8 MiB (RLIMIT_FSIZE): a 12 MiB object cannot be
+    cached, and is served anyway; smaller objects are still cached."""
+    with running_cache(tmp_path, upstream, max_file_size=8 * 1024 * 1024) as cached:
+        big = put(cached, bucket, "too-big-for-disk", 12 * 1024 * 1024)
+        small = put(cached, bucket, "small", 3 * BLOCK)
+        for _ in range(2):
+            assert get(cached.client, bucket, "too-big-for-disk") == big
+            assert get(cached.client, bucket, "small") == small
+        assert cached.stats()["used_bytes"] == 3 * BLOCK
+        assert "cannot create cache file" in cached.proxy.log_tail(200)
 
 
 def test_empty_object(cached: Cached, bucket: str) -> None:

@@ -306,6 +306,21 @@ def test_regions_interleaved_with_writes(
     assert body == expected + b"end"
 
 
+def test_regions_behind_a_slow_client(server: Server, files: dict[str, bytes]) -> None:
+    """While the client is not reading, each marker written between regions stays in
+    the transport's buffer; the raw send must wait for it, not overtake it."""
+    regions = [(0, 3 * MiB), (1, 1 * MiB), (5 * MiB, 2 * MiB), (9, 9)]
+    spec = ",".join(f"{o}:{n}" for o, n in regions)
+    client = RawClient(server, f"/regions/big?r={spec}&w={2 * MiB}", rcvbuf=64 * KiB)
+    time.sleep(0.3)  # kernel buffers fill up
+    body = client.read_to_end()
+    client.close()
+    big = files["big"]
+    expected = b"L" * 2 * MiB
+    expected += b"".join(b"<%06d>" % i + big[o : o + n] for i, (o, n) in enumerate(regions))
+    assert body == expected + b"end"
+
+
 def test_keep_alive_reuse(server: Server, files: dict[str, bytes]) -> None:
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
     try:
@@ -316,10 +331,16 @@ def test_keep_alive_reuse(server: Server, files: dict[str, bytes]) -> None:
         assert http_get(conn, "/file/big?offset=1000&count=3000000") == big[1000:3001000]
         assert http_get(conn, "/file/big", method="HEAD") == b""
         assert http_get(conn, "/file/one") == files["one"]
+        # Back-to-back small responses: a socket left corked, or a tail held back by
+        # Nagle, would add a delayed-ACK stall (~40 ms) to each.
+        started = time.monotonic()
+        for _ in range(50):
+            assert http_get(conn, "/file/small") == files["small"]
+        assert time.monotonic() - started < 1.5
         assert conn.sock.getsockname() == local
     finally:
         conn.close()
-    assert len(server.peers) == 5 and len(set(server.peers)) == 1  # one connection
+    assert len(server.peers) == 55 and len(set(server.peers)) == 1  # one connection
 
 
 @pytest.mark.parametrize("stall", [False, True], ids=["reading", "stalled"])
@@ -386,13 +407,18 @@ def test_many_concurrent_clients(server: Server, files: dict[str, bytes]) -> Non
     assert pool_is_idle()
 
 
-def test_slow_readers_do_not_starve_a_fast_one(server: Server, files: dict[str, bytes]) -> None:
+def test_slow_readers_do_not_starve_a_fast_one(
+    server: Server, files: dict[str, bytes], mode: str
+) -> None:
     """Stalled and slow clients must not hold the pool: with one worker thread, a fast
     client still gets 20 MiB quickly while eight others barely read."""
     sendfile.set_executor(single := ThreadPoolExecutor(1))
     try:
+        waits = sendfile.stats().writable_waits
         slow = [RawClient(server, f"/file/big?tag=slow{i}", rcvbuf=64 * KiB) for i in range(8)]
         time.sleep(0.3)  # all eight now have a full socket buffer
+        if mode == "sendfile":  # and have given the thread back to the loop
+            wait_for(lambda: sendfile.stats().writable_waits - waits >= 8)
         for client in slow[:4]:  # half trickle, half stall
             client.read(64 * KiB)
         started = time.monotonic()

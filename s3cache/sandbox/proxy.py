@@ -4,6 +4,7 @@ the benchmarks."""
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -47,6 +48,7 @@ class S3CacheProcess:
         extra_args: list[str] | None = None,
         upstream_endpoint: str | None = None,
         debug_blocking: bool = False,
+        max_file_size: int | None = None,
     ) -> None:
         self.workdir = workdir
         self.port = free_port()
@@ -56,6 +58,9 @@ class S3CacheProcess:
         self._upstream_endpoint = upstream_endpoint or upstream.endpoint_url
         self._extra_args = extra_args or []
         self.debug_blocking = debug_blocking
+        # RLIMIT_FSIZE of the process: a real "file too large" error from the kernel
+        # past this size, for tests of what s3cache does when its disk refuses data.
+        self._max_file_size = max_file_size
         self._process: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
 
@@ -92,7 +97,11 @@ class S3CacheProcess:
     def start(self, timeout: float = 30.0) -> None:
         self._log = self.log_path.open("ab")
         self._process = subprocess.Popen(
-            self.command(), env=self.environment(), stdout=self._log, stderr=subprocess.STDOUT
+            self.command(),
+            env=self.environment(),
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            preexec_fn=self._limit_file_size if self._max_file_size else None,
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -105,6 +114,10 @@ class S3CacheProcess:
                 time.sleep(0.05)
         self.stop()
         raise RuntimeError(f"s3cache did not answer within {timeout}s:\n{self.log_tail()}")
+
+    def _limit_file_size(self) -> None:
+        limit = self._max_file_size or resource.RLIM_INFINITY
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
     def stop(self, timeout: float = 35.0) -> int | None:
         """SIGTERM, then SIGKILL if it has not stopped in time; returns the exit code."""

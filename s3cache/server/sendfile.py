@@ -36,7 +36,7 @@ How the zero-copy path keeps the loop, the connection and aiohttp consistent:
 
 The fallback (TLS, no socket fd, no ``os.sendfile``, a body without Content-Length, or
 ``set_mode("fallback")``) reads 1 MiB chunks with ``os.pread`` in the same pool, one
-chunk ahead of ``response.write()``.
+chunk ahead of ``response.write()``. It works on any transport and any loop.
 
 Invariant for callers: if :func:`send_file_range` raises anything but ``ValueError``
 (bad arguments, raised before any byte is written), the connection has been aborted.
@@ -407,7 +407,12 @@ def _pread_exact(fd: int, size: int, offset: int) -> bytes:
 
 
 async def _send_fallback(response: web.StreamResponse, fd: int, offset: int, count: int) -> None:
-    """Read FALLBACK_CHUNK at a time in the pool, one read ahead of the write."""
+    """Read FALLBACK_CHUNK at a time in the pool, one read ahead of the write.
+
+    Each chunk is a fresh ``bytes``, not a reused buffer filled with ``os.preadv``:
+    uvloop queues a partly sent non-bytes buffer as a memoryview, without copying it
+    (``UVStream._buffer_write``), so refilling the buffer would corrupt queued data.
+    """
     end = offset + count
     pos = offset
     ahead: Future[bytes] | None = _submit_owning(

@@ -36,6 +36,7 @@ T = TypeVar("T")
 INDEX_FILE = "index.sqlite3"
 ACCESS_FLUSH_SECONDS = 2.0
 EVICTION_BATCH = 256
+ORPHAN_BATCH = 500
 
 
 class CacheWriteError(Exception):
@@ -332,19 +333,18 @@ class CacheStore:
         CACHE_EVICTED_BYTES.inc(present)
 
     async def _sweep_orphans(self) -> None:
-        """Remove block files that no index row claims (left by a crash)."""
-        known = await self._in_index_thread(self.index.files)
+        """Remove block files that no index row claims (left by a crash), a batch at a
+        time, after start-up."""
+        started = time.time()
         for number, directory in enumerate(self._dirs):
             names = await _run(files.list_files, directory)
-            for name in names:
-                if (number, name) not in known and not self._is_new(number, name):
-                    await _run(files.unlink, files.file_path(directory, name))
-
-    def _is_new(self, directory: int, name: str) -> bool:
-        """Created after the sweep read the index."""
-        return any(
-            entry.dir == directory and entry.path.name == name for entry in self._view.values()
-        )
+            for first in range(0, len(names), ORPHAN_BATCH):
+                batch = names[first : first + ORPHAN_BATCH]
+                unknown = await self._in_index_thread(self.index.unknown_files, number, batch)
+                for name in unknown:
+                    path = files.file_path(directory, name)
+                    if await _run(files.older_than, path, started):
+                        await _run(files.unlink, path)
 
 
 def _close_fds(entries: list[Entry]) -> None:

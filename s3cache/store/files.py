@@ -57,6 +57,14 @@ def unlink(path: Path) -> None:
     path.unlink(missing_ok=True)
 
 
+def older_than(path: Path, moment: float) -> bool:
+    """True if the file was last changed before ``moment`` (a time.time() value)."""
+    try:
+        return path.stat().st_mtime < moment
+    except FileNotFoundError:
+        return False
+
+
 def list_files(cache_dir: Path) -> list[str]:
     """Every block file name under a cache dir (used by the background orphan sweep)."""
     root = cache_dir / DATA_DIR

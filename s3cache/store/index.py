@@ -38,6 +38,7 @@ CREATE TABLE IF NOT EXISTS entries (
     UNIQUE (bucket, key)
 );
 CREATE INDEX IF NOT EXISTS entries_by_access ON entries (accessed_at);
+CREATE INDEX IF NOT EXISTS entries_by_file ON entries (file);
 CREATE TABLE IF NOT EXISTS blocks (
     entry_id INTEGER NOT NULL REFERENCES entries (id) ON DELETE CASCADE,
     block INTEGER NOT NULL,
@@ -201,8 +202,17 @@ class Index:
             (limit,),
         ).fetchall()
 
-    def files(self) -> set[tuple[int, str]]:
-        return set(self._db.execute("SELECT dir, file FROM entries"))
+    def unknown_files(self, directory: int, names: list[str]) -> list[str]:
+        """Those of ``names`` (files found in a cache dir) that no entry claims."""
+        marks = ",".join("?" * len(names))
+        known = {
+            name
+            for (name,) in self._db.execute(
+                f"SELECT file FROM entries WHERE dir = ? AND file IN ({marks})",
+                (directory, *names),
+            )
+        }
+        return [name for name in names if name not in known]
 
 
 def _decode_headers(text: str) -> tuple[tuple[str, str], ...]:
