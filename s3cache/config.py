@@ -277,10 +277,14 @@ class Settings:
 
 
 # Flags whose name is not derived from the field name, kept for operators' muscle memory.
-_FLAG_NAMES = {"cache_dirs": "--cache-dir", "virtual_host_domains": "--virtual-host-domain"}
+_FLAG_NAMES = {
+    "cache_dirs": "--cache-dir",
+    "virtual_host_domains": "--virtual-host-domain",
+    "ttl_rules": "--ttl-rule",
+}
 
 
-def _flag(name: str) -> str:
+def flag_name(name: str) -> str:
     return _FLAG_NAMES.get(name, "--" + name.replace("_", "-"))
 
 
@@ -295,7 +299,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         kwargs: dict[str, Any] = {"dest": spec.name, "default": None}
         if spec.metadata["repeat"]:
             kwargs["action"] = "append"
-        parser.add_argument(_flag(spec.name), help=spec.metadata["help"], **kwargs)
+        parser.add_argument(flag_name(spec.name), help=spec.metadata["help"], **kwargs)
 
 
 def load_settings(
@@ -315,7 +319,7 @@ def load_settings(
             raw[spec.name] = (env_name(spec.name), environ[env_name(spec.name)])
         flag_value = flag_values.get(spec.name)
         if flag_value is not None:
-            raw[spec.name] = (_flag(spec.name), flag_value)
+            raw[spec.name] = (flag_name(spec.name), flag_value)
     return Settings(**_parse_all(raw))
 
 

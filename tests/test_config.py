@@ -4,6 +4,8 @@ bad value."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +16,7 @@ from s3cache.config import (
     ConfigError,
     Settings,
     add_arguments,
+    flag_name,
     load_settings,
     parse_duration,
     parse_size,
@@ -126,3 +129,19 @@ def test_bad_value_stops_start_up_with_one_line() -> None:
     assert len(lines) == 1
     assert "--cache-size" in lines[0]
     assert "lots" in lines[0]
+
+
+def test_readme_documents_every_setting() -> None:
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    for spec in dataclasses.fields(Settings):
+        assert f"| `{spec.name}` | `{flag_name(spec.name)}`" in readme, spec.name
+
+
+def test_ttl_rules_longest_prefix_wins() -> None:
+    settings = load_settings(
+        flags("--cache-ttl", "1m", "--ttl-rule", "data=immutable", "--ttl-rule", "data/tmp/=5s"),
+        environ={},
+    )
+    assert settings.ttl_for("data", "train/x") == math.inf
+    assert settings.ttl_for("data", "tmp/x") == 5.0
+    assert settings.ttl_for("other", "x") == 60.0

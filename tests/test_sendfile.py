@@ -38,6 +38,7 @@ KiB = 1024
 MiB = 1024 * KiB
 SIZES = {"empty": 0, "one": 1, "small": 64 * KiB, "four": 4 * MiB, "big": 20 * MiB}
 POOL_THREADS = 4
+LoopFactory = Callable[[], asyncio.AbstractEventLoop]
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +72,7 @@ class Server:
     """An aiohttp app on uvloop in a thread. Handlers serve files with send_file_range."""
 
     root: Path
-    loop_factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    loop_factory: LoopFactory = uvloop.new_event_loop
     ssl_context: ssl.SSLContext | None = None
     port: int = 0
     loop: asyncio.AbstractEventLoop | None = None
@@ -150,17 +151,26 @@ class Server:
             os.close(fd)
 
     async def _regions(self, request: web.Request) -> web.StreamResponse:
-        """GET /regions/NAME?r=OFF:LEN,...&w=N: for each region, a literal marker from
-        response.write() then the region; ``w`` extra bytes written before the first
-        region force a full transport buffer ahead of the raw send."""
+        """GET /regions/NAME?r=OFF:LEN,...&w=N&raw=: ``w`` lead bytes, then for each
+        region a literal marker from response.write() and the region, then "end".
+
+        With ``raw`` the lead goes straight to ``transport.write()``, which does not
+        wait, so megabytes are still in the transport's buffer when the first region
+        starts (aiohttp's own writes drain down to the low-water mark only)."""
         regions = [tuple(map(int, r.split(":"))) for r in request.query["r"].split(",")]
         lead = b"L" * int(request.query.get("w", 0))
+        raw = "raw" in request.query
         fd = await self._open(request.match_info["name"])
         try:
-            response = _BufferedHeaders()
+            response = web.StreamResponse() if raw else _BufferedHeaders()
             response.content_length = len(lead) + sum(8 + n for _, n in regions) + 3
             await response.prepare(request)
-            await response.write(lead)
+            if raw:
+                assert request.transport is not None
+                request.transport.write(lead)
+                response._payload_writer.length -= len(lead)  # type: ignore[operator,union-attr]
+            else:
+                await response.write(lead)
             for i, (offset, count) in enumerate(regions):
                 await response.write(b"<%06d>" % i)
                 await send_file_range(request, response, fd, offset, count)
@@ -182,9 +192,22 @@ def mode(request: pytest.FixtureRequest) -> Iterator[str]:
     pool.shutdown(wait=True)
 
 
+LOOPS = pytest.mark.parametrize(
+    "loop_factory", [uvloop.new_event_loop, asyncio.new_event_loop], ids=["uvloop", "asyncio"]
+)
+
+
 @pytest.fixture
-def server(root: Path, files: dict[str, bytes], mode: str) -> Iterator[Server]:
-    with blockbuster_ctx(), Server(root) as srv:
+def loop_factory() -> LoopFactory:
+    """The server's loop; tests marked LOOPS also run on the default asyncio loop."""
+    return uvloop.new_event_loop
+
+
+@pytest.fixture
+def server(
+    root: Path, files: dict[str, bytes], mode: str, loop_factory: LoopFactory
+) -> Iterator[Server]:
+    with blockbuster_ctx(), Server(root, loop_factory=loop_factory) as srv:
         yield srv
     assert srv.loop_errors == []
 
@@ -307,16 +330,16 @@ def test_regions_interleaved_with_writes(
 
 
 def test_regions_behind_a_slow_client(server: Server, files: dict[str, bytes]) -> None:
-    """While the client is not reading, each marker written between regions stays in
-    the transport's buffer; the raw send must wait for it, not overtake it."""
+    """Bytes still in the transport's buffer (the client is not reading) must reach
+    the socket before the raw send; it must wait for them, not overtake them."""
     regions = [(0, 3 * MiB), (1, 1 * MiB), (5 * MiB, 2 * MiB), (9, 9)]
     spec = ",".join(f"{o}:{n}" for o, n in regions)
-    client = RawClient(server, f"/regions/big?r={spec}&w={2 * MiB}", rcvbuf=64 * KiB)
+    client = RawClient(server, f"/regions/big?r={spec}&w={8 * MiB}&raw=1", rcvbuf=64 * KiB)
     time.sleep(0.3)  # kernel buffers fill up
     body = client.read_to_end()
     client.close()
     big = files["big"]
-    expected = b"L" * 2 * MiB
+    expected = b"L" * 8 * MiB
     expected += b"".join(b"<%06d>" % i + big[o : o + n] for i, (o, n) in enumerate(regions))
     assert body == expected + b"end"
 
@@ -362,6 +385,7 @@ def test_client_disconnects_midway(
     wait_for(lambda: open_fds() <= fds)  # no duplicate fd leaked
 
 
+@LOOPS
 def test_cancelled_mid_send(server: Server, files: dict[str, bytes], mode: str) -> None:
     """The handler task is cancelled while a worker is sending: the connection must end
     promptly with a short body, and nothing may keep sending."""
@@ -407,6 +431,7 @@ def test_many_concurrent_clients(server: Server, files: dict[str, bytes]) -> Non
     assert pool_is_idle()
 
 
+@LOOPS
 def test_slow_readers_do_not_starve_a_fast_one(
     server: Server, files: dict[str, bytes], mode: str
 ) -> None:
@@ -464,12 +489,9 @@ def auto_mode() -> Iterator[None]:
     sendfile.set_executor(None)
 
 
-@pytest.mark.parametrize("loop_factory", [uvloop.new_event_loop, asyncio.new_event_loop])
+@LOOPS
 def test_auto_is_zero_copy_on_plain_tcp(
-    root: Path,
-    files: dict[str, bytes],
-    auto_mode: None,
-    loop_factory: Callable[[], asyncio.AbstractEventLoop],
+    root: Path, files: dict[str, bytes], auto_mode: None, loop_factory: LoopFactory
 ) -> None:
     with blockbuster_ctx(), Server(root, loop_factory=loop_factory) as server:
         before = sendfile.stats()
