@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import logging.handlers
+import queue
 import sys
 
 import uvloop
@@ -39,8 +41,21 @@ def main(argv: list[str] | None = None) -> int:
 def _serve(settings: Settings) -> int:
     from s3cache.server.app import serve
 
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
-    )
-    uvloop.run(serve(settings))
+    listener = _log_off_the_loop(settings.log_level)
+    try:
+        uvloop.run(serve(settings))
+    finally:
+        listener.stop()
     return 0
+
+
+def _log_off_the_loop(level: str) -> logging.handlers.QueueListener:
+    """Log records are queued by the event loop and written to stderr by a thread, so
+    a slow terminal or log collector never stalls a request."""
+    records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
+    output = logging.StreamHandler()
+    output.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    logging.basicConfig(level=level.upper(), handlers=[logging.handlers.QueueHandler(records)])
+    listener = logging.handlers.QueueListener(records, output)
+    listener.start()
+    return listener

@@ -254,6 +254,9 @@ class Settings:
         "test aid: raise on blocking calls made by s3cache on the event loop "
         "(needs the blockbuster package)",
     )
+    access_log: str = _setting(
+        "text", parse_choice("text", "json", "off"), "access log: one line per request"
+    )
     log_level: str = _setting(
         "info", parse_choice("debug", "info", "warning", "error"), "log level"
     )

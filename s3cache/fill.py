@@ -26,7 +26,15 @@ import xxhash
 
 from s3cache.config import Settings
 from s3cache.errors import ServiceUnavailable
-from s3cache.metrics import FILLS_IN_FLIGHT, UPSTREAM_BLOCK_FETCHES, UPSTREAM_FILL_BYTES
+from s3cache.metrics import (
+    COALESCED_WAITERS,
+    FILLS_IN_FLIGHT,
+    REVALIDATIONS,
+    UPSTREAM_BLOCK_FETCHES,
+    UPSTREAM_FILL_BYTES,
+    Revalidation,
+    UpstreamKind,
+)
 from s3cache.s3.objectmeta import MetadataError, meta_from_response, parse_content_range
 from s3cache.store.cache import CacheStore, CacheWriteError
 from s3cache.store.entry import Entry, ObjectMeta
@@ -149,7 +157,7 @@ class Filler:
         url = self._upstream.url(bucket, key)
         headers = {"Range": f"bytes={start}-{start + block_size - 1}"}
         UPSTREAM_BLOCK_FETCHES.inc()
-        response = await self._upstream.request("GET", url, headers)
+        response = await self._upstream.request("GET", url, headers, kind=UpstreamKind.BLOCK)
         if response.status == 416:  # empty object, or starting past its end
             response.release()
             return await self._open_from_head(bucket, key)
@@ -174,7 +182,9 @@ class Filler:
 
     async def _open_from_head(self, bucket: str, key: str) -> Opened:
         """Create an entry from a HEAD (no blocks yet)."""
-        response = await self._upstream.request("HEAD", self._upstream.url(bucket, key), {})
+        response = await self._upstream.request(
+            "HEAD", self._upstream.url(bucket, key), {}, kind=UpstreamKind.BLOCK
+        )
         if response.status != 200:
             return Opened(None, response)
         try:
@@ -203,6 +213,7 @@ class Filler:
             return None
         existing = entry.fetches.get(block)
         if existing is not None:
+            COALESCED_WAITERS.inc()
             return existing  # type: ignore[no-any-return]
         return self._start(entry, block, block, None)
 
@@ -277,7 +288,7 @@ class Filler:
         headers = {"Range": f"bytes={fetch.start}-{fetch.end - 1}", "If-Match": entry.meta.etag}
         UPSTREAM_BLOCK_FETCHES.inc()
         response = await self._upstream.request(
-            "GET", self._upstream.url(entry.bucket, entry.key), headers
+            "GET", self._upstream.url(entry.bucket, entry.key), headers, kind=UpstreamKind.BLOCK
         )
         if response.status == 412:
             raise VersionChanged(f"s3://{entry.bucket}/{entry.key} changed upstream")
@@ -295,7 +306,7 @@ class Filler:
         position = fetch.start
         block = fetch.first
         hasher = xxhash.xxh3_64()
-        async for chunk in iter_body(response):
+        async for chunk in iter_body(response, kind=UpstreamKind.BLOCK):
             if skip:
                 dropped = min(skip, len(chunk))
                 chunk, skip = chunk[dropped:], skip - dropped
@@ -352,19 +363,26 @@ class Filler:
     async def _revalidate(self, entry: Entry) -> Entry | None:
         url = self._upstream.url(entry.bucket, entry.key)
         try:
-            response = await self._upstream.request("HEAD", url, {"If-None-Match": entry.meta.etag})
+            response = await self._upstream.request(
+                "HEAD", url, {"If-None-Match": entry.meta.etag}, kind=UpstreamKind.REVALIDATE
+            )
         except ServiceUnavailable as exc:
             log.warning("serving s3://%s/%s unrevalidated: %s", entry.bucket, entry.key, exc)
+            REVALIDATIONS.labels(Revalidation.ERROR.value).inc()
             return entry
         response.release()
         if response.status == 304:
+            REVALIDATIONS.labels(Revalidation.UNCHANGED.value).inc()
             await self._store.mark_validated(entry)
             return entry
         if response.status >= 500:
+            REVALIDATIONS.labels(Revalidation.ERROR.value).inc()
             return entry
         await self._store.drop(entry)
         if response.status != 200:
+            REVALIDATIONS.labels(Revalidation.GONE.value).inc()
             return None
+        REVALIDATIONS.labels(Revalidation.CHANGED.value).inc()
         try:
             meta = meta_from_response(200, response.headers)
         except MetadataError:

@@ -28,6 +28,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from s3cache.errors import IncompleteBody, InvalidRequest
+from s3cache.metrics import UpstreamKind
 from s3cache.s3.addressing import S3Address
 from s3cache.s3.chunked import AwsChunkedDecoder, AwsChunkedError
 from s3cache.upstream import UNSIGNED_PAYLOAD, Upstream, UpstreamBroken, iter_body
@@ -79,7 +80,7 @@ async def send_upstream(
     """Send ``request`` to the upstream, re-signed; the caller relays the answer."""
     headers, body = _upstream_request(request)
     url = upstream.url(address.bucket, address.key, address.query)
-    return await upstream.request(request.method, url, headers, body)
+    return await upstream.request(request.method, url, headers, body, kind=UpstreamKind.FORWARD)
 
 
 async def relay_response(
@@ -98,7 +99,7 @@ async def relay_response(
     if request.method == "HEAD":
         return out
     try:
-        async for chunk in iter_body(response):
+        async for chunk in iter_body(response, kind=UpstreamKind.FORWARD):
             await out.write(chunk)
     except UpstreamBroken as exc:
         log.warning("upstream body broke off, aborting the client connection: %s", exc)

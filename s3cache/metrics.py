@@ -1,5 +1,5 @@
-"""Every metric of s3cache, defined once. Labels are small fixed sets: never a bucket
-name or a key.
+"""Every metric of s3cache, defined once. Labels are small fixed sets (the enums
+below): never a bucket name or a key.
 
 Names follow Prometheus conventions: ``_total`` for counters, ``_bytes`` and
 ``_seconds`` units.
@@ -9,29 +9,104 @@ from __future__ import annotations
 
 import enum
 
-from prometheus_client import REGISTRY, Counter, Gauge, generate_latest
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram, generate_latest
 
 
 class CacheOutcome(enum.Enum):
-    """How a cacheable read was answered."""
+    """How a request was answered, for latency and cacheable-read metrics."""
 
     HIT = "hit"  # every byte from the cache
     MISS = "miss"  # every byte fetched from the upstream for this request
     PARTIAL = "partial"  # some bytes from the cache, some fetched
-    BYPASS = "bypass"  # not cacheable: straight from the upstream
+    BYPASS = "bypass"  # a cacheable read served uncached
     NOT_MODIFIED = "not_modified"  # a conditional answered 304/412 from metadata
+    FORWARD = "forward"  # not a cacheable read: passed through
 
 
 class ByteSource(enum.Enum):
     CACHE = "cache"
     UPSTREAM = "upstream"
+    PEER = "peer"
 
 
+class UpstreamKind(enum.Enum):
+    BLOCK = "block"  # a block fetch (or an object's first fetch, or its HEAD)
+    REVALIDATE = "revalidate"  # a conditional HEAD of a stale entry
+    FORWARD = "forward"  # a client's request passed through
+
+
+class Revalidation(enum.Enum):
+    UNCHANGED = "unchanged"
+    CHANGED = "changed"
+    GONE = "gone"
+    ERROR = "error"
+
+
+def status_class(status: int | None) -> str:
+    """``2xx``…``5xx``, or ``error`` when there was no HTTP answer."""
+    return f"{status // 100}xx" if status else "error"
+
+
+_LATENCY_BUCKETS = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1,
+    2.5,
+    5,
+    10,
+    30,
+    60,
+)
+
+REQUESTS = Counter(
+    "s3cache_requests_total",
+    "Requests by S3 operation and status class",
+    ["operation", "status_class"],
+)
+REQUEST_DURATION = Histogram(
+    "s3cache_request_duration_seconds",
+    "Time to answer a request completely, by outcome",
+    ["outcome"],
+    buckets=_LATENCY_BUCKETS,
+)
+TIME_TO_FIRST_BYTE = Histogram(
+    "s3cache_time_to_first_byte_seconds",
+    "Time until the response head was sent, by outcome",
+    ["outcome"],
+    buckets=_LATENCY_BUCKETS,
+)
 CACHE_READS = Counter(
     "s3cache_cache_reads_total", "Cacheable GET/HEAD requests by outcome", ["outcome"]
 )
 SERVED_BYTES = Counter(
     "s3cache_served_bytes_total", "Object body bytes sent to clients, by source", ["source"]
+)
+UPSTREAM_REQUESTS = Counter(
+    "s3cache_upstream_requests_total",
+    "Requests to the upstream by kind and status class",
+    ["kind", "status_class"],
+)
+UPSTREAM_ERRORS = Counter(
+    "s3cache_upstream_errors_total",
+    "Upstream requests that failed without an answer, or whose body broke off",
+    ["kind"],
+)
+UPSTREAM_BYTES = Counter(
+    "s3cache_upstream_bytes_total", "Response body bytes received from the upstream", ["kind"]
+)
+UPSTREAM_DURATION = Histogram(
+    "s3cache_upstream_request_duration_seconds",
+    "Time until the upstream's response head",
+    ["kind"],
+    buckets=_LATENCY_BUCKETS,
 )
 UPSTREAM_BLOCK_FETCHES = Counter(
     "s3cache_upstream_block_fetches_total", "Ranged upstream GETs that fill the cache"
@@ -41,9 +116,23 @@ UPSTREAM_FILL_BYTES = Counter(
 )
 CACHE_CAPACITY = Gauge("s3cache_cache_capacity_bytes", "Configured cache size")
 CACHE_USED = Gauge("s3cache_cache_used_bytes", "Bytes of blocks held in the cache")
+CACHE_ENTRIES = Gauge("s3cache_cache_entries", "Objects held in the cache")
+CACHE_DEGRADED = Gauge(
+    "s3cache_cache_degraded", "1 while the cache cannot write to one of its directories"
+)
+CACHE_WRITE_ERRORS = Counter(
+    "s3cache_cache_write_errors_total", "Failed writes to the cache directories"
+)
 CACHE_EVICTIONS = Counter("s3cache_cache_evictions_total", "Entries evicted")
 CACHE_EVICTED_BYTES = Counter("s3cache_cache_evicted_bytes_total", "Bytes evicted")
 FILLS_IN_FLIGHT = Gauge("s3cache_fills_in_flight", "Block fetches in flight")
+COALESCED_WAITERS = Counter(
+    "s3cache_coalesced_waiters_total",
+    "Reads that waited on a block fetch started by another request (single-flight)",
+)
+REVALIDATIONS = Counter(
+    "s3cache_revalidations_total", "Revalidations of stale entries by result", ["result"]
+)
 
 
 def sample(metric: Counter | Gauge, **labels: str) -> float:

@@ -19,7 +19,7 @@ from s3cache.config import Settings
 from s3cache.errors import InvalidRange, PreconditionFailed, ServiceUnavailable
 from s3cache.fill import CacheFull, FetchFailed, Filler, VersionChanged
 from s3cache.forward import abort, forward, relay_response
-from s3cache.metrics import CACHE_READS, SERVED_BYTES, ByteSource, CacheOutcome
+from s3cache.metrics import CACHE_READS, SERVED_BYTES, ByteSource, CacheOutcome, UpstreamKind
 from s3cache.s3.addressing import S3Address
 from s3cache.s3.conditions import Precondition, evaluate, parse_http_date
 from s3cache.s3.objectmeta import RESPONSE_OVERRIDES, not_modified_headers, object_headers
@@ -30,6 +30,9 @@ from s3cache.store.entry import Entry
 from s3cache.upstream import Upstream, UpstreamBroken, iter_body
 
 log = logging.getLogger(__name__)
+
+# How the reader answered a request: read by the server's metrics and access log.
+OUTCOME = web.RequestKey("outcome", CacheOutcome)
 
 # Query parameters of a plain GetObject/HeadObject: anything else is another operation
 # (?tagging, ?acl, ?attributes…) or a read the cache cannot answer (?versionId,
@@ -68,7 +71,7 @@ class Reader:
         for _ in range(FETCH_ATTEMPTS):
             entry, opened = await self._entry(request, address.bucket, address.key)
             if isinstance(entry, web.StreamResponse):
-                CACHE_READS.labels(CacheOutcome.BYPASS.value).inc()
+                _count(request, CacheOutcome.BYPASS)
                 return entry
             if entry is None:
                 return await self._bypass(request, address)
@@ -82,7 +85,7 @@ class Reader:
         return await self._bypass(request, address)
 
     async def _bypass(self, request: web.Request, address: S3Address) -> web.StreamResponse:
-        CACHE_READS.labels(CacheOutcome.BYPASS.value).inc()
+        _count(request, CacheOutcome.BYPASS)
         return await forward(request, address, self._upstream)
 
     async def _entry(
@@ -128,12 +131,12 @@ class Reader:
         modified = parse_http_date(meta.last_modified) or datetime.fromtimestamp(0).astimezone()
         precondition = evaluate(request.headers, meta.etag, modified)
         if precondition is Precondition.FAILED:
-            CACHE_READS.labels(CacheOutcome.NOT_MODIFIED.value).inc()
+            _count(request, CacheOutcome.NOT_MODIFIED)
             raise PreconditionFailed(
                 "At least one of the pre-conditions you specified did not hold"
             )
         if precondition is Precondition.NOT_MODIFIED:
-            CACHE_READS.labels(CacheOutcome.NOT_MODIFIED.value).inc()
+            _count(request, CacheOutcome.NOT_MODIFIED)
             return web.Response(status=304, headers=not_modified_headers(meta))
         try:
             byte_range = parse_range(request.headers.get("Range"), meta.size)
@@ -161,7 +164,7 @@ class Reader:
             await self._stream(request, response, entry, span.start, span.end + 1)
             SERVED_BYTES.labels(ByteSource.CACHE.value).inc(from_cache)
             SERVED_BYTES.labels(ByteSource.UPSTREAM.value).inc(span.length - from_cache)
-        CACHE_READS.labels(outcome.value).inc()
+        _count(request, outcome)
         return response
 
     async def _first_bytes_ready(self, entry: Entry, offset: int) -> None:
@@ -229,15 +232,22 @@ class Reader:
         headers = {"Range": f"bytes={start}-{end - 1}", "If-Match": entry.meta.etag}
         url = self._upstream.url(entry.bucket, entry.key)
         try:
-            upstream_response = await self._upstream.request("GET", url, headers)
+            upstream_response = await self._upstream.request(
+                "GET", url, headers, kind=UpstreamKind.BLOCK
+            )
             async with upstream_response:
                 if upstream_response.status != 206:
                     raise FetchFailed(f"upstream answered {upstream_response.status}")
-                async for chunk in iter_body(upstream_response):
+                async for chunk in iter_body(upstream_response, kind=UpstreamKind.BLOCK):
                     await response.write(chunk)
         except (FetchFailed, UpstreamBroken, ServiceUnavailable) as exc:
             log.warning("aborting a response: uncached stream failed: %s", exc)
             abort(request)
+
+
+def _count(request: web.Request, outcome: CacheOutcome) -> None:
+    request[OUTCOME] = outcome
+    CACHE_READS.labels(outcome.value).inc()
 
 
 def _present_bytes(entry: Entry, start: int, end: int) -> int:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import ssl
+import time
 from collections.abc import AsyncIterable, AsyncIterator, Mapping
 from typing import Any
 
@@ -29,6 +30,14 @@ from botocore.exceptions import BotoCoreError
 
 from s3cache.config import Settings
 from s3cache.errors import S3Error, ServiceUnavailable
+from s3cache.metrics import (
+    UPSTREAM_BYTES,
+    UPSTREAM_DURATION,
+    UPSTREAM_ERRORS,
+    UPSTREAM_REQUESTS,
+    UpstreamKind,
+    status_class,
+)
 from s3cache.s3.addressing import encode_path, encode_query
 
 log = logging.getLogger(__name__)
@@ -125,6 +134,8 @@ class Upstream:
         url: yarl.URL,
         headers: Mapping[str, str],
         body: AsyncIterable[bytes] | bytes | None = None,
+        *,
+        kind: UpstreamKind,
     ) -> aiohttp.ClientResponse:
         """Sign and send one request; the caller reads and releases the response.
 
@@ -134,15 +145,21 @@ class Upstream:
         if self._session is None:
             raise RuntimeError("Upstream.start() was not awaited")
         signed = await self._sign(method, url, headers)
+        started = time.perf_counter()
         try:
-            return await self._session.request(
+            response = await self._session.request(
                 method, url, headers=signed, data=body, allow_redirects=False
             )
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             client_fault = _s3_error_in_chain(exc)
             if client_fault is not None:
                 raise client_fault from None  # the client's body was bad, not the upstream
+            UPSTREAM_ERRORS.labels(kind.value).inc()
+            UPSTREAM_REQUESTS.labels(kind.value, status_class(None)).inc()
             raise ServiceUnavailable(f"upstream unreachable: {_describe(exc)}") from exc
+        UPSTREAM_DURATION.labels(kind.value).observe(time.perf_counter() - started)
+        UPSTREAM_REQUESTS.labels(kind.value, status_class(response.status)).inc()
+        return response
 
     async def _sign(self, method: str, url: yarl.URL, headers: Mapping[str, str]) -> dict[str, str]:
         request_headers = dict(headers)
@@ -158,13 +175,18 @@ class Upstream:
         return dict(aws_request.headers.items())
 
 
-async def iter_body(response: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+async def iter_body(
+    response: aiohttp.ClientResponse, *, kind: UpstreamKind
+) -> AsyncIterator[bytes]:
     """The response body in pieces as they arrive; raises UpstreamBroken if it cannot
     be read to its end."""
+    received = UPSTREAM_BYTES.labels(kind.value)
     try:
         async for chunk in response.content.iter_any():
+            received.inc(len(chunk))
             yield chunk
     except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+        UPSTREAM_ERRORS.labels(kind.value).inc()
         raise UpstreamBroken(_describe(exc)) from exc
 
 

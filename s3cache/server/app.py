@@ -13,7 +13,7 @@ from s3cache.config import Settings
 from s3cache.fill import Filler
 from s3cache.reader import Reader
 from s3cache.server.handlers import FILLER, READER, SETTINGS, STORE, UPSTREAM, handle
-from s3cache.server.middleware import add_request_id, s3_errors
+from s3cache.server.middleware import ACCESS_LOG_FORMAT, observe, on_response_prepare
 from s3cache.store.cache import CacheStore
 from s3cache.upstream import Upstream
 
@@ -24,10 +24,11 @@ DRAIN_SECONDS = 30.0
 
 
 def make_app(settings: Settings) -> web.Application:
-    app = web.Application(middlewares=[s3_errors], client_max_size=0)
+    app = web.Application(middlewares=[observe], client_max_size=0)
     app[SETTINGS] = settings
+    app[ACCESS_LOG_FORMAT] = settings.access_log
     app.cleanup_ctx.append(_components)
-    app.on_response_prepare.append(add_request_id)
+    app.on_response_prepare.append(on_response_prepare)
     app.router.add_route("*", "/{tail:.*}", handle)
     return app
 

@@ -25,6 +25,8 @@ from s3cache.metrics import (
 )
 from s3cache.reader import Reader
 from s3cache.s3.addressing import S3Address, resolve
+from s3cache.s3.operations import Operation, classify
+from s3cache.server.middleware import BUCKET, OPERATION
 from s3cache.store.cache import CacheStore
 from s3cache.upstream import Upstream
 
@@ -42,9 +44,12 @@ STORE = web.AppKey("store", CacheStore)
 async def handle(request: web.Request) -> web.StreamResponse:
     """The single entry point for every request on the S3 port."""
     if request.raw_path.startswith(ADMIN_PREFIX):
+        request[OPERATION] = Operation.ADMIN
         return await handle_admin(request)
     app = request.app
     address = resolve(request.host, request.raw_path, app[SETTINGS].virtual_host_domains)
+    request[OPERATION] = classify(request.method, address, request.headers)
+    request[BUCKET] = address.bucket or "-"
     if Reader.cacheable(request, address):
         return await app[READER].read(request, address)
     if request.method in ("GET", "HEAD", "OPTIONS") or address.bucket is None:

@@ -1,18 +1,37 @@
-"""Request id and the one place where exceptions become S3 error responses."""
+"""The one middleware every request goes through: request id, the one place where
+exceptions become S3 error responses, request metrics and the access log."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import time
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
 from s3cache.errors import InternalError, S3Error, error_document
+from s3cache.metrics import (
+    REQUEST_DURATION,
+    REQUESTS,
+    TIME_TO_FIRST_BYTE,
+    CacheOutcome,
+    status_class,
+)
+from s3cache.reader import OUTCOME
+from s3cache.s3.operations import Operation
 
 log = logging.getLogger(__name__)
+access_log = logging.getLogger("s3cache.access")
 
 REQUEST_ID = web.RequestKey("request_id", str)
+STARTED = web.RequestKey("started", float)
+HEAD_SENT = web.RequestKey("head_sent", float)
+OPERATION = web.RequestKey("operation", Operation)
+BUCKET = web.RequestKey("bucket", str)
+KEY_ID = web.RequestKey("key_id", str)
+ACCESS_LOG_FORMAT = web.AppKey("access_log_format", str)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -30,26 +49,63 @@ def error_response(error: S3Error, request_id: str) -> web.Response:
     )
 
 
-async def add_request_id(request: web.Request, response: web.StreamResponse) -> None:
-    """on_response_prepare: every answer of s3cache's own carries its request id."""
+async def on_response_prepare(request: web.Request, response: web.StreamResponse) -> None:
+    """Every answer of s3cache's own carries its request id; the moment the head goes
+    out is the time to first byte."""
+    request[HEAD_SENT] = time.perf_counter()
     if "x-amz-request-id" not in response.headers and REQUEST_ID in request:
         response.headers["x-amz-request-id"] = request[REQUEST_ID]
 
 
 @web.middleware
-async def s3_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Give every request an id and answer every failure with an S3 error document."""
+async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Answer every failure with an S3 error document; count and log every request."""
     request_id = new_request_id()
     request[REQUEST_ID] = request_id
+    request[STARTED] = time.perf_counter()
+    response: web.StreamResponse | None = None
     try:
-        return await handler(request)
+        response = await handler(request)
     except S3Error as error:
         if not error.resource:
             error.resource = request.path
-        log.info("%s %s -> %s %s", request.method, request.path, error.status, error.code)
-        return error_response(error, request_id)
+        response = error_response(error, request_id)
     except ConnectionError:
         raise  # the client went away: there is nobody to answer
     except Exception:
         log.exception("unexpected error on %s %s", request.method, request.path)
-        return error_response(InternalError("We encountered an internal error."), request_id)
+        response = error_response(InternalError("We encountered an internal error."), request_id)
+    finally:
+        _record(request, response)
+    return response
+
+
+def _record(request: web.Request, response: web.StreamResponse | None) -> None:
+    now = time.perf_counter()
+    status = response.status if response is not None else None
+    operation = request.get(OPERATION, Operation.OTHER)
+    outcome = request.get(OUTCOME, CacheOutcome.FORWARD)
+    duration = now - request[STARTED]
+    first_byte = request.get(HEAD_SENT, now) - request[STARTED]
+    REQUESTS.labels(operation.value, status_class(status)).inc()
+    if operation is not Operation.ADMIN:
+        REQUEST_DURATION.labels(outcome.value).observe(duration)
+        TIME_TO_FIRST_BYTE.labels(outcome.value).observe(first_byte)
+    log_format = request.app.get(ACCESS_LOG_FORMAT, "text")
+    if log_format == "off" or not access_log.isEnabledFor(logging.INFO):
+        return
+    fields = {
+        "request_id": request[REQUEST_ID],
+        "key_id": request.get(KEY_ID, "-"),
+        "bucket": request.get(BUCKET, "-"),
+        "operation": operation.value,
+        "status": status if status is not None else "-",
+        "bytes": response.body_length if response is not None and response.prepared else 0,
+        "duration_ms": round(duration * 1000, 3),
+        "ttfb_ms": round(first_byte * 1000, 3),
+        "outcome": outcome.value,
+    }
+    if log_format == "json":
+        access_log.info(json.dumps(fields))
+    else:
+        access_log.info(" ".join(f"{name}={value}" for name, value in fields.items()))
