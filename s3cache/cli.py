@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import logging.handlers
 import queue
 import sys
+import urllib.request
+from collections.abc import Iterator
 
 import uvloop
 
@@ -25,7 +28,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     demo_parser.add_argument("--objects", type=int, default=64, help="objects in the dataset")
     demo_parser.add_argument("--object-size", default="1MiB", help="size of each object")
+    stats_parser = commands.add_parser("stats", help="print a running s3cache's statistics")
+    stats_parser.add_argument("--endpoint", default="http://127.0.0.1:8080", help="its URL")
     args = parser.parse_args(argv)
+    if args.command == "stats":
+        return _print_stats(args.endpoint)
     if args.command == "demo":
         from s3cache.sandbox.demo import run_demo
 
@@ -55,7 +62,37 @@ def _log_off_the_loop(level: str) -> logging.handlers.QueueListener:
     records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
     output = logging.StreamHandler()
     output.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
-    logging.basicConfig(level=level.upper(), handlers=[logging.handlers.QueueHandler(records)])
+    enqueue = logging.handlers.QueueHandler(records)
+    enqueue.setFormatter(logging.Formatter("%(message)s"))  # the listener formats
+    logging.basicConfig(level=level.upper(), handlers=[enqueue])
     listener = logging.handlers.QueueListener(records, output)
     listener.start()
     return listener
+
+
+def _print_stats(endpoint: str) -> int:
+    """``GET /_s3cache/stats`` as a two-column table."""
+    url = endpoint.rstrip("/") + "/_s3cache/stats"
+    try:
+        with urllib.request.urlopen(url, timeout=10) as answer:
+            stats = json.load(answer)
+    except (OSError, ValueError) as exc:
+        print(f"s3cache: cannot read {url}: {exc}", file=sys.stderr)
+        return 1
+    rows = list(_flatten(stats))
+    width = max(len(name) for name, _ in rows)
+    for name, value in rows:
+        print(f"{name:<{width}}  {value}")
+    return 0
+
+
+def _flatten(stats: dict[str, object], prefix: str = "") -> Iterator[tuple[str, str]]:
+    for name, value in stats.items():
+        if isinstance(value, dict):
+            yield from _flatten(value, f"{prefix}{name}.")
+        elif isinstance(value, float):
+            yield f"{prefix}{name}", f"{value:,.3f}" if value % 1 else f"{int(value):,}"
+        elif isinstance(value, int) and not isinstance(value, bool):
+            yield f"{prefix}{name}", f"{value:,}"
+        else:
+            yield f"{prefix}{name}", str(value)

@@ -33,6 +33,7 @@ class UpstreamKind(enum.Enum):
     BLOCK = "block"  # a block fetch (or an object's first fetch, or its HEAD)
     REVALIDATE = "revalidate"  # a conditional HEAD of a stale entry
     FORWARD = "forward"  # a client's request passed through
+    PROBE = "probe"  # readiness check
 
 
 class Revalidation(enum.Enum):

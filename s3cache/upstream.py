@@ -15,6 +15,7 @@ s3cache errors (:class:`s3cache.errors.ServiceUnavailable`, :class:`UpstreamBrok
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import ssl
 import time
@@ -44,6 +45,7 @@ log = logging.getLogger(__name__)
 
 UNSIGNED_PAYLOAD = "UNSIGNED-PAYLOAD"
 READ_CHUNK = 256 * 1024
+PROBE_TIMEOUT = 5.0
 
 
 class UpstreamBroken(Exception):
@@ -160,6 +162,19 @@ class Upstream:
         UPSTREAM_DURATION.labels(kind.value).observe(time.perf_counter() - started)
         UPSTREAM_REQUESTS.labels(kind.value, status_class(response.status)).inc()
         return response
+
+    async def probe(self) -> str | None:
+        """Why the upstream cannot be reached, or None if it answers (any HTTP status
+        counts: the question is reachability, not permission)."""
+        try:
+            response = await asyncio.wait_for(
+                self.request("HEAD", self.url(None, None), {}, kind=UpstreamKind.PROBE),
+                timeout=PROBE_TIMEOUT,
+            )
+        except (ServiceUnavailable, TimeoutError) as exc:
+            return str(exc) or "no answer in time"
+        response.release()
+        return None
 
     async def _sign(self, method: str, url: yarl.URL, headers: Mapping[str, str]) -> dict[str, str]:
         request_headers = dict(headers)

@@ -106,12 +106,26 @@ async def handle_admin(request: web.Request) -> web.StreamResponse:
         raise NoSuchKey("No such s3cache admin endpoint.", resource=request.path)
     if name == "healthz":
         return web.Response(text="ok\n")
+    if name == "readyz":
+        problems = await readiness_problems(request.app)
+        return web.json_response(
+            {"ready": not problems, "problems": problems}, status=503 if problems else 200
+        )
     if name == "stats":
         return web.json_response(stats(request.app))
     if name == "metrics":
         body = await asyncio.get_running_loop().run_in_executor(None, exposition)
         return web.Response(body=body, content_type="text/plain", charset="utf-8")
     raise NoSuchKey("No such s3cache admin endpoint.", resource=request.path)
+
+
+async def readiness_problems(app: web.Application) -> dict[str, str]:
+    """Ready: the upstream answers, every cache dir takes writes, the index is open."""
+    problems = await app[STORE].check()
+    unreachable = await app[UPSTREAM].probe()
+    if unreachable:
+        problems["upstream"] = unreachable
+    return problems
 
 
 def stats(app: web.Application) -> dict[str, object]:
@@ -123,7 +137,9 @@ def stats(app: web.Application) -> dict[str, object]:
     return {
         "capacity_bytes": store.capacity,
         "used_bytes": store.used,
+        "entries": store.entries,
         "entries_in_memory": store.entries_in_view(),
+        "degraded": store.degraded,
         "reads": reads,
         "served_bytes": served,
         "byte_hit_ratio": served["cache"] / served_total if served_total else None,

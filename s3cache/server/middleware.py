@@ -100,7 +100,7 @@ def _record(request: web.Request, response: web.StreamResponse | None) -> None:
         "bucket": request.get(BUCKET, "-"),
         "operation": operation.value,
         "status": status if status is not None else "-",
-        "bytes": response.body_length if response is not None and response.prepared else 0,
+        "bytes": _body_bytes(response),
         "duration_ms": round(duration * 1000, 3),
         "ttfb_ms": round(first_byte * 1000, 3),
         "outcome": outcome.value,
@@ -109,3 +109,12 @@ def _record(request: web.Request, response: web.StreamResponse | None) -> None:
         access_log.info(json.dumps(fields))
     else:
         access_log.info(" ".join(f"{name}={value}" for name, value in fields.items()))
+
+
+def _body_bytes(response: web.StreamResponse | None) -> int:
+    if response is None:
+        return 0
+    if response.prepared:
+        return response.body_length
+    body = response.body if isinstance(response, web.Response) else None
+    return len(body) if isinstance(body, bytes) else 0

@@ -24,7 +24,15 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from s3cache.config import Settings
-from s3cache.metrics import CACHE_CAPACITY, CACHE_EVICTED_BYTES, CACHE_EVICTIONS, CACHE_USED
+from s3cache.metrics import (
+    CACHE_CAPACITY,
+    CACHE_DEGRADED,
+    CACHE_ENTRIES,
+    CACHE_EVICTED_BYTES,
+    CACHE_EVICTIONS,
+    CACHE_USED,
+    CACHE_WRITE_ERRORS,
+)
 from s3cache.store import files
 from s3cache.store.entry import Entry, ObjectMeta
 from s3cache.store.index import EntryRow, Index
@@ -59,19 +67,23 @@ class CacheStore:
         self._evict_needed = asyncio.Event()
         self.used = 0
         self.reserved = 0
+        self.entries = 0
+        self.degraded = False  # a write to a cache dir failed since the last success
 
     # --- lifecycle ---------------------------------------------------------------
 
     async def open(self) -> None:
-        def open_index() -> tuple[Index, int]:
+        def open_index() -> tuple[Index, int, int]:
             for directory in self._dirs:
                 (directory / files.DATA_DIR).mkdir(parents=True, exist_ok=True)
             index = Index(self._dirs[0] / INDEX_FILE)
-            return index, index.used_bytes()
+            return index, index.used_bytes(), index.entry_count()
 
-        self._index, self.used = await self._in_index_thread(open_index)
+        self._index, self.used, self.entries = await self._in_index_thread(open_index)
         CACHE_CAPACITY.set(self._capacity)
         CACHE_USED.set_function(lambda: self.used)
+        CACHE_ENTRIES.set_function(lambda: self.entries)
+        CACHE_DEGRADED.set_function(lambda: float(self.degraded))
         self._tasks = [
             asyncio.create_task(self._flush_access_times_forever()),
             asyncio.create_task(self._evict_forever()),
@@ -154,12 +166,15 @@ class CacheStore:
             blocks={},
         )
         entry_id = await self._in_index_thread(self.index.insert, row)
+        self.entries += 1
         entry = self._entry_from_row(row, entry_id=entry_id)
         try:
             entry.fd = await _run(files.create_sparse, entry.path, meta.size)
         except OSError as exc:
+            self._write_failed()
             await self.drop(entry)
             raise CacheWriteError(f"cannot create cache file: {exc}") from exc
+        self.degraded = False
         self._remember(entry)
         return entry
 
@@ -172,6 +187,7 @@ class CacheStore:
             del self._view[(entry.bucket, entry.key)]
         self._accessed.pop(entry.id, None)
         self.used -= sum(entry.block_length(block) for block in entry.blocks)
+        self.entries -= 1
         await self._in_index_thread(self.index.delete, [entry.id])
         if entry.pins == 0:
             _close_fd(entry)
@@ -254,7 +270,27 @@ class CacheStore:
         try:
             await _run(files.write_at, await self.fd(entry), offset, data)
         except OSError as exc:
+            self._write_failed()
             raise CacheWriteError(f"cannot write cache file: {exc}") from exc
+        self.degraded = False
+
+    def _write_failed(self) -> None:
+        self.degraded = True
+        CACHE_WRITE_ERRORS.inc()
+
+    async def check(self) -> dict[str, str]:
+        """Problems that make the cache unfit to serve, by check name (empty: ready)."""
+        problems: dict[str, str] = {}
+        try:
+            await self._in_index_thread(self.index.entry_count)
+        except Exception as exc:
+            problems["index"] = f"index not usable: {exc}"
+        for number, directory in enumerate(self._dirs):
+            try:
+                await _run(files.probe_writable, directory)
+            except OSError as exc:
+                problems[f"cache_dir_{number}"] = f"{directory} not writable: {exc.strerror}"
+        return problems
 
     async def read(self, entry: Entry, offset: int, length: int) -> bytes:
         return await _run(files.read_at, await self.fd(entry), offset, length)
@@ -328,6 +364,7 @@ class CacheStore:
         else:
             await self._in_index_thread(self.index.delete, [entry_id])
             self.used -= present
+            self.entries -= 1
             await _run(files.unlink, files.file_path(self._dirs[directory], name))
         CACHE_EVICTIONS.inc()
         CACHE_EVICTED_BYTES.inc(present)

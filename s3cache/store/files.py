@@ -57,6 +57,18 @@ def unlink(path: Path) -> None:
     path.unlink(missing_ok=True)
 
 
+def probe_writable(cache_dir: Path) -> None:
+    """Create, write, sync and remove a small file; raise OSError if the dir refuses."""
+    probe = cache_dir / DATA_DIR / ".probe"
+    fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, b"s3cache")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+        probe.unlink(missing_ok=True)
+
+
 def older_than(path: Path, moment: float) -> bool:
     """True if the file was last changed before ``moment`` (a time.time() value)."""
     try:
