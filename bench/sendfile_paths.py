@@ -15,7 +15,7 @@ socket reader that discards into a bytearray with recv_into. For each stream cou
 the median MB/s (1 MB = 10^6 bytes; for N streams, N x size / wall time of the batch),
 the server process's CPU seconds (user + system, all threads) per GB sent, and its peak
 RSS over the whole run. A variant may carry overrides of s3cache.server.sendfile's
-tuning constants, measured side by side with the default: ``--variants A,A+CORK=0,B``.
+tuning constants, measured side by side with the default: ``--variants A,A+CORK=1,B``.
 
 A benchmark, not a test: it reports, it does not assert.
 
@@ -291,20 +291,21 @@ def measure(server: Server, get: object, streams: int, size: int) -> None:
 
 
 def report(servers: list[Server], stream_counts: list[int]) -> None:
+    w = max(len(s.variant) for s in servers) + 2
     print()
-    print(f"{'variant':<12}{'streams':>7}{'MB/s':>8}{'min-max':>12}{'CPU s/GB':>10}{'RSS MiB':>9}")
+    print(f"{'variant':<{w}}{'streams':>7}{'MB/s':>8}{'min-max':>12}{'CPU s/GB':>10}{'RSS MiB':>9}")
     for streams in stream_counts:
         for s in servers:
             speeds = s.speeds[streams]
             spread = f"{min(speeds):.0f}-{max(speeds):.0f}"
             print(
-                f"{s.variant:<12}{streams:>7}{statistics.median(speeds):>8.0f}{spread:>12}"
+                f"{s.variant:<{w}}{streams:>7}{statistics.median(speeds):>8.0f}{spread:>12}"
                 f"{statistics.median(s.cpu[streams]):>10.3f}{s.peak_rss_mib():>9.0f}"
             )
     print("MB/s: median (and range) over the rounds; CPU s/GB: server process, median;")
     print("RSS: the server's peak resident memory over the whole run.")
     print("On loopback, part of the receiver's TCP work runs in the sender's system calls")
-    print("and counts as server CPU; curl's own copy is the limit for one stream.")
+    print("and counts as server CPU; the client's own copy is the limit for one stream.")
 
 
 if __name__ == "__main__":

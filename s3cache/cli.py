@@ -9,7 +9,7 @@ import logging.handlers
 import queue
 import sys
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import uvloop
 
@@ -42,15 +42,15 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"s3cache: {exc}", file=sys.stderr)
         return 2
-    return _serve(settings)
+    return _serve(settings, lambda: load_settings(args))
 
 
-def _serve(settings: Settings) -> int:
+def _serve(settings: Settings, reload: Callable[[], Settings]) -> int:
     from s3cache.server.app import serve
 
     listener = _log_off_the_loop(settings.log_level)
     try:
-        uvloop.run(serve(settings))
+        uvloop.run(serve(settings, reload))
     finally:
         listener.stop()
     return 0

@@ -279,6 +279,33 @@ class Settings:
         return best.ttl if best is not None else self.cache_ttl
 
 
+# Settings that SIGHUP reloads in a running process; the others need a restart.
+RELOADABLE = ("cache_ttl", "ttl_rules", "access_log", "log_level")
+
+
+class LiveSettings:
+    """The settings in force. SIGHUP replaces them with a reloaded copy in which only
+    the RELOADABLE fields may differ."""
+
+    __slots__ = ("current",)
+
+    def __init__(self, settings: Settings) -> None:
+        self.current = settings
+
+    def reload(self, new: Settings) -> list[str]:
+        """Take the reloadable fields of ``new``; return the names of the settings that
+        differ but need a restart."""
+        kept = [
+            spec.name
+            for spec in dataclasses.fields(Settings)
+            if spec.name not in RELOADABLE
+            and getattr(new, spec.name) != getattr(self.current, spec.name)
+        ]
+        changes = {name: getattr(new, name) for name in RELOADABLE}
+        self.current = dataclasses.replace(self.current, **changes)
+        return kept
+
+
 # Flags whose name is not derived from the field name, kept for operators' muscle memory.
 _FLAG_NAMES = {
     "cache_dirs": "--cache-dir",

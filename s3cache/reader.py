@@ -15,7 +15,7 @@ from datetime import datetime
 
 from aiohttp import web
 
-from s3cache.config import Settings
+from s3cache.config import LiveSettings
 from s3cache.errors import InvalidRange, PreconditionFailed, ServiceUnavailable
 from s3cache.fill import CacheFull, FetchFailed, Filler, VersionChanged
 from s3cache.forward import abort, forward, relay_response
@@ -45,7 +45,7 @@ FETCH_ATTEMPTS = 3
 
 class Reader:
     def __init__(
-        self, settings: Settings, store: CacheStore, filler: Filler, upstream: Upstream
+        self, settings: LiveSettings, store: CacheStore, filler: Filler, upstream: Upstream
     ) -> None:
         self._settings = settings
         self._store = store
@@ -109,7 +109,7 @@ class Reader:
             if opened.entry is None:
                 return None, True
             entry, created = opened.entry, not opened.known
-        ttl = self._settings.ttl_for(bucket, key)
+        ttl = self._settings.current.ttl_for(bucket, key)
         if not created and ttl != math.inf and time.time() - entry.validated_at > ttl:
             return await self._filler.revalidate(entry), False
         return entry, created

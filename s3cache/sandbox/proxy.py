@@ -135,6 +135,20 @@ class S3CacheProcess:
             self._log = None
         return code
 
+    def send_signal(self, signum: int) -> None:
+        if self._process is not None:
+            self._process.send_signal(signum)
+
+    def wait(self, timeout: float) -> int:
+        """Wait for the process to exit by itself; its exit code."""
+        assert self._process is not None
+        code = self._process.wait(timeout)
+        self._process = None
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        return code
+
     @property
     def pid(self) -> int | None:
         return self._process.pid if self._process else None

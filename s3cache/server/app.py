@@ -5,15 +5,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
 
-from s3cache.config import Settings
+from s3cache.config import RELOADABLE, ConfigError, LiveSettings, Settings
 from s3cache.fill import Filler
 from s3cache.reader import Reader
-from s3cache.server.handlers import FILLER, READER, SETTINGS, STORE, UPSTREAM, handle
-from s3cache.server.middleware import ACCESS_LOG_FORMAT, observe, on_response_prepare
+from s3cache.server.handlers import FILLER, READER, STORE, UPSTREAM, handle
+from s3cache.server.middleware import LIVE_SETTINGS, observe, on_response_prepare
 from s3cache.store.cache import CacheStore
 from s3cache.upstream import Upstream
 
@@ -23,10 +23,9 @@ log = logging.getLogger(__name__)
 DRAIN_SECONDS = 30.0
 
 
-def make_app(settings: Settings) -> web.Application:
+def make_app(settings: LiveSettings) -> web.Application:
     app = web.Application(middlewares=[observe], client_max_size=0)
-    app[SETTINGS] = settings
-    app[ACCESS_LOG_FORMAT] = settings.access_log
+    app[LIVE_SETTINGS] = settings
     app.cleanup_ctx.append(_components)
     app.on_response_prepare.append(on_response_prepare)
     app.router.add_route("*", "/{tail:.*}", handle)
@@ -36,7 +35,8 @@ def make_app(settings: Settings) -> web.Application:
 async def _components(app: web.Application) -> AsyncIterator[None]:
     """Start the upstream client and the cache; on shutdown, stop fills, then flush
     and close the index."""
-    settings = app[SETTINGS]
+    live = app[LIVE_SETTINGS]
+    settings = live.current
     upstream = Upstream(settings)
     await upstream.start()
     store = CacheStore(settings)
@@ -45,7 +45,7 @@ async def _components(app: web.Application) -> AsyncIterator[None]:
     app[UPSTREAM] = upstream
     app[STORE] = store
     app[FILLER] = filler
-    app[READER] = Reader(settings, store, filler, upstream)
+    app[READER] = Reader(live, store, filler, upstream)
     try:
         yield
     finally:
@@ -54,9 +54,14 @@ async def _components(app: web.Application) -> AsyncIterator[None]:
         await upstream.close()
 
 
-async def serve(settings: Settings, started: asyncio.Event | None = None) -> None:
-    """Serve until SIGTERM/SIGINT, then stop accepting and drain in-flight requests."""
-    runner = web.AppRunner(make_app(settings), access_log=None, shutdown_timeout=DRAIN_SECONDS)
+async def serve(
+    settings: Settings,
+    reload: Callable[[], Settings] | None = None,
+) -> None:
+    """Serve until SIGTERM/SIGINT, then stop accepting and drain in-flight requests.
+    SIGHUP re-reads the settings with ``reload`` and applies the reloadable ones."""
+    live = LiveSettings(settings)
+    runner = web.AppRunner(make_app(live), access_log=None, shutdown_timeout=DRAIN_SECONDS)
     await runner.setup()
     host, port = settings.listen
     site = web.TCPSite(runner, host, port, reuse_address=True)
@@ -70,13 +75,39 @@ async def serve(settings: Settings, started: asyncio.Event | None = None) -> Non
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    if started is not None:
-        started.set()
+    reloads: set[asyncio.Task[None]] = set()
+    if reload is not None:
+        loop.add_signal_handler(signal.SIGHUP, _start_reload, live, reload, reloads)
     try:
         await stop.wait()
     finally:
         log.info("stopping: draining in-flight requests")
         await runner.cleanup()
+
+
+def _start_reload(
+    live: LiveSettings, reload: Callable[[], Settings], reloads: set[asyncio.Task[None]]
+) -> None:
+    task = asyncio.get_running_loop().create_task(_reload(live, reload))
+    reloads.add(task)
+    task.add_done_callback(reloads.discard)
+
+
+async def _reload(live: LiveSettings, reload: Callable[[], Settings]) -> None:
+    """SIGHUP: read the settings again (off the loop: files are read) and apply the
+    reloadable ones; a bad file keeps the settings in force."""
+    try:
+        new = await asyncio.get_running_loop().run_in_executor(None, reload)
+    except ConfigError as exc:
+        log.error("SIGHUP: settings not reloaded: %s", exc)
+        return
+    needs_restart = live.reload(new)
+    logging.getLogger().setLevel(live.current.log_level.upper())
+    log.info("SIGHUP: reloaded %s", ", ".join(RELOADABLE))
+    if needs_restart:
+        log.warning(
+            "SIGHUP: changes to %s take effect at the next restart", ", ".join(needs_restart)
+        )
 
 
 def _fail_on_blocking_calls() -> None:

@@ -7,7 +7,6 @@ import xml.etree.ElementTree as ET
 
 from aiohttp import web
 
-from s3cache.config import Settings
 from s3cache.errors import NoSuchKey
 from s3cache.fill import Filler
 from s3cache.forward import forward, relay_response, response_headers, send_upstream
@@ -26,7 +25,7 @@ from s3cache.metrics import (
 from s3cache.reader import Reader
 from s3cache.s3.addressing import S3Address, resolve
 from s3cache.s3.operations import Operation, classify
-from s3cache.server.middleware import BUCKET, OPERATION
+from s3cache.server.middleware import BUCKET, LIVE_SETTINGS, OPERATION
 from s3cache.store.cache import CacheStore
 from s3cache.upstream import Upstream
 
@@ -34,7 +33,6 @@ ADMIN_PREFIX = "/_s3cache/"
 # A DeleteObjects answer lists at most 1,000 keys: a few hundred KiB at the very most.
 MAX_DELETE_RESULT_BYTES = 4 * 1024 * 1024
 
-SETTINGS = web.AppKey("settings", Settings)
 UPSTREAM = web.AppKey("upstream", Upstream)
 FILLER = web.AppKey("filler", Filler)
 READER = web.AppKey("reader", Reader)
@@ -47,7 +45,8 @@ async def handle(request: web.Request) -> web.StreamResponse:
         request[OPERATION] = Operation.ADMIN
         return await handle_admin(request)
     app = request.app
-    address = resolve(request.host, request.raw_path, app[SETTINGS].virtual_host_domains)
+    domains = app[LIVE_SETTINGS].current.virtual_host_domains
+    address = resolve(request.host, request.raw_path, domains)
     request[OPERATION] = classify(request.method, address, request.headers)
     request[BUCKET] = address.bucket or "-"
     if Reader.cacheable(request, address):

@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
+from s3cache.config import LiveSettings
 from s3cache.errors import InternalError, S3Error, error_document
 from s3cache.metrics import (
     REQUEST_DURATION,
@@ -31,7 +32,7 @@ HEAD_SENT = web.RequestKey("head_sent", float)
 OPERATION = web.RequestKey("operation", Operation)
 BUCKET = web.RequestKey("bucket", str)
 KEY_ID = web.RequestKey("key_id", str)
-ACCESS_LOG_FORMAT = web.AppKey("access_log_format", str)
+LIVE_SETTINGS = web.AppKey("live_settings", LiveSettings)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -91,7 +92,7 @@ def _record(request: web.Request, response: web.StreamResponse | None) -> None:
     if operation is not Operation.ADMIN:
         REQUEST_DURATION.labels(outcome.value).observe(duration)
         TIME_TO_FIRST_BYTE.labels(outcome.value).observe(first_byte)
-    log_format = request.app.get(ACCESS_LOG_FORMAT, "text")
+    log_format = request.app[LIVE_SETTINGS].current.access_log
     if log_format == "off" or not access_log.isEnabledFor(logging.INFO):
         return
     fields = {
