@@ -211,6 +211,12 @@ class Settings:
     upstream_read_timeout: float = _setting(
         60.0, parse_duration, "time allowed between two reads from the upstream"
     )
+    upstream_retries: int = _setting(
+        3, int, "retries of a failed block fetch (broken transfer, 5xx, SlowDown)"
+    )
+    upstream_retry_backoff: float = _setting(
+        0.1, parse_duration, "first retry delay; doubled at each retry, with jitter"
+    )
     upstream_verify_tls: bool = _setting(True, parse_bool, "verify the upstream's certificate")
     upstream_ca_bundle: Path | None = _setting(
         None, lambda t: Path(t) if t else None, "CA bundle file to verify the upstream with"

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 from dataclasses import dataclass
 
 import aiohttp
@@ -51,6 +52,10 @@ class VersionChanged(FetchFailed):
     """The upstream object is no longer the version the entry holds."""
 
 
+class UpstreamBusy(FetchFailed):
+    """The upstream answered 5xx (InternalError, SlowDown…): worth retrying."""
+
+
 class CacheFull(Exception):
     """No room for more blocks (everything cached is in use): serve uncached."""
 
@@ -58,7 +63,18 @@ class CacheFull(Exception):
 class BlockFetch:
     """One ranged upstream GET for blocks ``first..last`` of ``entry``."""
 
-    __slots__ = ("entry", "first", "last", "start", "end", "written", "error", "done", "_waiters")
+    __slots__ = (
+        "entry",
+        "first",
+        "last",
+        "start",
+        "end",
+        "written",
+        "error",
+        "done",
+        "hasher",
+        "_waiters",
+    )
 
     def __init__(self, entry: Entry, first: int, last: int) -> None:
         self.entry = entry
@@ -69,6 +85,7 @@ class BlockFetch:
         self.written = 0  # bytes in the file, contiguous from ``start``
         self.error: BaseException | None = None
         self.done = False
+        self.hasher = xxhash.xxh3_64()  # of the block being written, across retries
         self._waiters: list[asyncio.Future[None]] = []
 
     @property
@@ -105,6 +122,8 @@ class Filler:
         self._upstream = upstream
         self._slots = asyncio.Semaphore(settings.fill_concurrency)
         self._per_object = settings.fill_object_concurrency
+        self._retries = settings.upstream_retries
+        self._backoff = settings.upstream_retry_backoff
         self._opening: dict[tuple[str, str], asyncio.Future[Entry | None]] = {}
         self._overtaken: set[tuple[str, str]] = set()  # opens that a write overtook
         self._tasks: set[asyncio.Task[None]] = set()
@@ -247,21 +266,38 @@ class Filler:
         return fetch
 
     async def _run(self, fetch: BlockFetch, response: aiohttp.ClientResponse | None) -> None:
+        """Bring the fetch's bytes in. A broken transfer or a 5xx/SlowDown answer is
+        retried with backoff, resuming at the first byte not yet written, same version
+        (If-Match); a 412 drops the entry."""
         entry = fetch.entry
+        failures = 0
         try:
-            if response is None:
-                async with self._slots:
-                    response = await self._request(fetch)
-                    await self._receive(fetch, response)
-            else:
-                await self._receive(fetch, response)
+            while True:
+                try:
+                    await self._transfer(fetch, response)
+                    return
+                except (UpstreamBroken, ServiceUnavailable, UpstreamBusy) as exc:
+                    response = None
+                    failures += 1
+                    if failures > self._retries:
+                        raise
+                    delay = self._backoff * 2 ** (failures - 1) * (0.5 + random.random())
+                    log.info(
+                        "retrying fill of s3://%s/%s at byte %d in %.2fs: %s",
+                        entry.bucket,
+                        entry.key,
+                        fetch.filled_to,
+                        delay,
+                        exc,
+                    )
+                    await asyncio.sleep(delay)
         except VersionChanged as exc:
             fetch.error = exc
             await self._store.drop(entry)
         except (FetchFailed, UpstreamBroken, CacheWriteError, ServiceUnavailable) as exc:
             fetch.error = exc
             log.warning(
-                "fetch of s3://%s/%s blocks %d-%d failed: %s",
+                "fill of s3://%s/%s blocks %d-%d failed: %s",
                 entry.bucket,
                 entry.key,
                 fetch.first,
@@ -272,8 +308,6 @@ class Filler:
             fetch.error = exc
             raise
         finally:
-            if response is not None:
-                response.release()
             fetch.done = True
             for block in range(fetch.first, fetch.last + 1):
                 if entry.fetches.get(block) is fetch:
@@ -283,29 +317,44 @@ class Filler:
             FILLS_IN_FLIGHT.dec()
             fetch._progress()
 
+    async def _transfer(self, fetch: BlockFetch, response: aiohttp.ClientResponse | None) -> None:
+        """One upstream exchange: the given (already open) response, or a new ranged GET
+        for what is still missing."""
+        if response is not None:
+            async with response:
+                await self._receive(fetch, response)
+            return
+        async with self._slots:
+            response = await self._request(fetch)
+            async with response:
+                await self._receive(fetch, response)
+
     async def _request(self, fetch: BlockFetch) -> aiohttp.ClientResponse:
         entry = fetch.entry
-        headers = {"Range": f"bytes={fetch.start}-{fetch.end - 1}", "If-Match": entry.meta.etag}
+        start = fetch.filled_to
+        headers = {"Range": f"bytes={start}-{fetch.end - 1}", "If-Match": entry.meta.etag}
         UPSTREAM_BLOCK_FETCHES.inc()
         response = await self._upstream.request(
             "GET", self._upstream.url(entry.bucket, entry.key), headers, kind=UpstreamKind.BLOCK
         )
+        if response.status in (200, 206):
+            got = _response_span(response, entry.size)
+            if got is not None and got[0] <= start and got[1] >= fetch.end:
+                return response
+        response.release()
         if response.status == 412:
             raise VersionChanged(f"s3://{entry.bucket}/{entry.key} changed upstream")
-        got = _response_span(response, entry.size) if response.status in (200, 206) else None
-        if got is None or got[0] > fetch.start or got[1] < fetch.end:
-            raise FetchFailed(f"upstream answered {response.status} to a block fetch")
-        return response
+        if response.status >= 500:
+            raise UpstreamBusy(f"upstream answered {response.status} to a block fetch")
+        raise FetchFailed(f"upstream answered {response.status} to a block fetch")
 
     async def _receive(self, fetch: BlockFetch, response: aiohttp.ClientResponse) -> None:
-        """Write the body into the file, recording each block once it is complete.
-        A 200 answer to a range request (an upstream that ignores Range) is skipped
-        up to the fetch's start."""
+        """Write the body into the file from the first byte still missing, recording
+        each block once it is complete. A 200 answer to a range request (an upstream
+        that ignores Range) is skipped up to that byte."""
         entry = fetch.entry
-        skip = fetch.start - (_response_span(response, entry.size) or (0, 0))[0]
-        position = fetch.start
-        block = fetch.first
-        hasher = xxhash.xxh3_64()
+        position = fetch.filled_to
+        skip = position - (_response_span(response, entry.size) or (0, 0))[0]
         async for chunk in iter_body(response, kind=UpstreamKind.BLOCK):
             if skip:
                 dropped = min(skip, len(chunk))
@@ -315,29 +364,25 @@ class Filler:
                 continue
             await self._store.write(entry, position, chunk)
             UPSTREAM_FILL_BYTES.inc(len(chunk))
-            position = await self._account(fetch, position, chunk, hasher, block)
-            block = entry.block_of(position) if position < fetch.end else fetch.last + 1
+            position = await self._account(fetch, position, chunk)
             if position >= fetch.end:
-                break
-        if position < fetch.end:
-            raise UpstreamBroken(f"body ended at {position}, expected {fetch.end}")
+                return
+        raise UpstreamBroken(f"body ended at byte {position}, expected {fetch.end}")
 
-    async def _account(
-        self, fetch: BlockFetch, position: int, chunk: bytes, hasher: xxhash.xxh3_64, block: int
-    ) -> int:
-        """Hash the written chunk, record blocks it completes, wake readers."""
+    async def _account(self, fetch: BlockFetch, position: int, chunk: bytes) -> int:
+        """Hash the written chunk, record the blocks it completes, wake readers."""
         entry = fetch.entry
         view = memoryview(chunk)
         while view:
+            block = entry.block_of(position)
             block_end = entry.block_range(block)[1]
             piece = view[: block_end - position]
-            hasher.update(piece)
+            fetch.hasher.update(piece)
             position += len(piece)
             view = view[len(piece) :]
             if position == block_end:
-                await self._store.add_block(entry, block, hasher.intdigest())
-                hasher.reset()
-                block += 1
+                await self._store.add_block(entry, block, fetch.hasher.intdigest())
+                fetch.hasher.reset()
         fetch.written = position - fetch.start
         fetch._progress()
         return position

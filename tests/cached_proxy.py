@@ -1,0 +1,118 @@
+"""s3cache behind a counting relay in front of the real upstream, for tests that
+count what s3cache asks of the upstream."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import boto3
+from botocore.config import Config
+
+from s3cache.sandbox.proxy import S3CacheProcess
+from s3cache.sandbox.relay import Relay
+from s3cache.sandbox.seaweed import SeaweedS3
+
+BLOCK = 256 * 1024
+
+
+class Cached:
+    """s3cache -> relay -> upstream, with a client of s3cache and one of the upstream."""
+
+    def __init__(self, proxy: S3CacheProcess, relay: Relay, upstream: SeaweedS3) -> None:
+        self.proxy = proxy
+        self.relay = relay
+        self.direct = upstream.client()
+        self.client = _client(proxy.endpoint_url, upstream)
+
+    def close(self) -> None:
+        self.client.close()
+        self.direct.close()
+
+    def gets(self) -> list[Any]:
+        return [r for r in self.relay.records() if r.method == "GET"]
+
+    def settle(self, timeout: float = 30.0) -> None:
+        """Wait until no fill is in flight (a response can end before the block fetch
+        that brought its last bytes does)."""
+        deadline = time.monotonic() + timeout
+        while self.stats()["fills_in_flight"] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.05)  # the relay records an exchange just after relaying it
+
+    def fetched_ranges(self) -> list[tuple[int, int]]:
+        self.settle()
+        ranges = []
+        for record in self.gets():
+            spec = record.headers.get("range", "")
+            first, _, last = spec.removeprefix("bytes=").partition("-")
+            ranges.append((int(first), int(last)))
+        return sorted(ranges)
+
+    def stats(self) -> dict[str, Any]:
+
+        with urllib.request.urlopen(f"{self.proxy.endpoint_url}/_s3cache/stats") as answer:
+            data: dict[str, Any] = json.load(answer)
+            return data
+
+
+def _client(endpoint_url: str, upstream: SeaweedS3, **config: Any) -> Any:
+    return boto3.session.Session(
+        aws_access_key_id=upstream.access_key,
+        aws_secret_access_key=upstream.secret_key,
+        region_name=upstream.region,
+    ).client(
+        "s3",
+        endpoint_url=endpoint_url,
+        config=Config(
+            s3={"addressing_style": "path"},
+            retries={"max_attempts": 1},
+            max_pool_connections=64,
+            **config,
+        ),
+    )
+
+
+@contextlib.contextmanager
+def running_cache(
+    tmp_path: Path,
+    upstream: SeaweedS3,
+    *extra: str,
+    cache_size: str = "64MiB",
+    max_file_size: int | None = None,
+) -> Iterator[Cached]:
+    """s3cache (failing on any blocking call on its event loop) behind a relay."""
+    with Relay(upstream.endpoint_url) as relay:
+        proxy = S3CacheProcess(
+            tmp_path,
+            upstream,
+            upstream_endpoint=relay.endpoint_url,
+            extra_args=["--block-size", str(BLOCK), "--cache-size", cache_size, *extra],
+            debug_blocking=True,
+            max_file_size=max_file_size,
+        )
+        with proxy:
+            cached = Cached(proxy, relay, upstream)
+            try:
+                yield cached
+            finally:
+                cached.close()
+        assert proxy.blocking_calls() == []
+
+
+def put(cached: Cached, bucket: str, key: str, size: int, **extra: Any) -> bytes:
+    body = os.urandom(size)
+    cached.direct.put_object(Bucket=bucket, Key=key, Body=body, **extra)
+    cached.relay.reset()
+    return body
+
+
+def get(client: Any, bucket: str, key: str, **extra: Any) -> bytes:
+    data: bytes = client.get_object(Bucket=bucket, Key=key, **extra)["Body"].read()
+    return data
