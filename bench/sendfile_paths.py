@@ -14,7 +14,7 @@ socket reader that discards into a bytearray with recv_into. For each stream cou
 (``--streams``, 1 and 8) it runs ``--runs`` rounds, each alternating A B C D, and prints
 the median MB/s (1 MB = 10^6 bytes; for N streams, N x size / wall time of the batch),
 the server process's CPU seconds (user + system, all threads) per GB sent, and its peak
-RSS over the whole run. A variant may carry overrides of s3cache.server.sendfile's
+RSS over the whole run. A variant may carry overrides of s3cache.sendfile's
 tuning constants, measured side by side with the default: ``--variants A,A+CORK=1,B``.
 
 A benchmark, not a test: it reports, it does not assert.
@@ -37,11 +37,18 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
 
+import uvloop
+from aiohttp import web
+
+from s3cache import sendfile
+
 MiB = 1024**2
+Getter = Callable[[str], float]  # one GET of a URL -> bytes per second
 VARIANTS = {
     "A": "uvloop + send_file_range (zero-copy)",
     "B": "uvloop + send_file_range (fallback)",
@@ -54,10 +61,6 @@ VARIANTS = {
 
 
 def serve(variant: str, port: int, path: Path, overrides: list[str]) -> None:
-    from aiohttp import web
-
-    from s3cache.server import sendfile
-
     for item in overrides:
         name, value = item.split("=", 1)
         setattr(sendfile, name, type(getattr(sendfile, name))(float(value)))
@@ -81,19 +84,12 @@ def serve(variant: str, port: int, path: Path, overrides: list[str]) -> None:
     sendfile.set_mode("fallback" if variant == "B" else "sendfile")
     app = web.Application()
     app.router.add_get("/", with_file_response if variant in "CD" else with_send_file_range)
-    loop_factory = asyncio.new_event_loop
-    if variant != "D":
-        import uvloop
-
-        loop_factory = uvloop.new_event_loop
+    loop_factory = asyncio.new_event_loop if variant == "D" else uvloop.new_event_loop
     with asyncio.Runner(loop_factory=loop_factory) as runner:
         runner.run(_serve_forever(app, port))
 
 
-async def _serve_forever(app: object, port: int) -> None:
-    from aiohttp import web
-
-    assert isinstance(app, web.Application)
+async def _serve_forever(app: web.Application, port: int) -> None:
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", port).start()
@@ -128,9 +124,8 @@ def socket_get(url: str) -> float:
     return total / (time.perf_counter() - started)
 
 
-def batch(get: object, url: str, streams: int) -> float:
+def batch(get: Getter, url: str, streams: int) -> float:
     """Wall time of ``streams`` concurrent GETs."""
-    assert callable(get)
     threads = [threading.Thread(target=get, args=(url,)) for _ in range(streams)]
     started = time.perf_counter()
     for t in threads:
@@ -229,7 +224,7 @@ def main() -> None:
     size = parse_size(args.size)
     stream_counts = [int(s) for s in args.streams.split(",")]
     curl = shutil.which("curl")
-    get = curl_get if curl else socket_get
+    get: Getter = curl_get if curl else socket_get
     if curl:
         curl_version = subprocess.run([curl, "--version"], capture_output=True, text=True)
         client = f"curl {curl_version.stdout.split()[1]} -s -o /dev/null -w %{{speed_download}}"
@@ -248,7 +243,8 @@ def main() -> None:
             print("method:")
             print(f"  machine: {machine()}")
             print(f"  file: {size / MiB:.0f} MiB, page-cached, in {tmp}")
-            print(f"  client: {client}; {args.runs} rounds per stream count, A B C D alternating")
+            order = " ".join(v.split("+")[0] for v in args.variants.split(","))
+            print(f"  client: {client}; {args.runs} rounds per stream count, {order} alternating")
             print("  servers: one process each on 127.0.0.1:")
             for s in servers:
                 print(f"    {s.variant:<10} {VARIANTS[s.variant[0]]}")
@@ -277,14 +273,11 @@ def start(variant: str, path: Path) -> Server:
     return Server(variant, port, process)
 
 
-def measure(server: Server, get: object, streams: int, size: int) -> None:
+def measure(server: Server, get: Getter, streams: int, size: int) -> None:
     url = f"http://127.0.0.1:{server.port}/"
     cpu_before = server.cpu_seconds()
-    if streams == 1:
-        assert callable(get)
-        speed = float(get(url))
-    else:
-        speed = streams * size / batch(get, url, streams)
+    # One stream: curl's own figure; several: all bytes over the batch's wall time.
+    speed = get(url) if streams == 1 else streams * size / batch(get, url, streams)
     cpu = server.cpu_seconds() - cpu_before
     server.speeds.setdefault(streams, []).append(speed / 1e6)
     server.cpu.setdefault(streams, []).append(cpu / (streams * size / 1e9))

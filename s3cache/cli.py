@@ -30,9 +30,17 @@ def main(argv: list[str] | None = None) -> int:
     demo_parser.add_argument("--object-size", default="1MiB", help="size of each object")
     stats_parser = commands.add_parser("stats", help="print a running s3cache's statistics")
     stats_parser.add_argument("--endpoint", default="http://127.0.0.1:8080", help="its URL")
+    verify_parser = commands.add_parser(
+        "verify", help="check every cached block against its hash; drop damaged ones"
+    )
+    verify_parser.add_argument("--endpoint", default="http://127.0.0.1:8080", help="its URL")
     args = parser.parse_args(argv)
     if args.command == "stats":
-        return _print_stats(args.endpoint)
+        return _print_table(_admin(args.endpoint, "stats"))
+    if args.command == "verify":
+        report = _admin(args.endpoint, "verify", method="POST")
+        code = _print_table(report)
+        return code or (3 if isinstance(report, dict) and report.get("corrupt_blocks") else 0)
     if args.command == "demo":
         from s3cache.sandbox.demo import run_demo
 
@@ -70,14 +78,22 @@ def _log_off_the_loop(level: str) -> logging.handlers.QueueListener:
     return listener
 
 
-def _print_stats(endpoint: str) -> int:
-    """``GET /_s3cache/stats`` as a two-column table."""
-    url = endpoint.rstrip("/") + "/_s3cache/stats"
+def _admin(endpoint: str, name: str, method: str = "GET") -> dict[str, object] | None:
+    """A JSON admin endpoint of a running s3cache; None (after saying why) if it fails."""
+    url = f"{endpoint.rstrip('/')}/_s3cache/{name}"
     try:
-        with urllib.request.urlopen(url, timeout=10) as answer:
-            stats = json.load(answer)
+        request = urllib.request.Request(url, method=method)
+        with urllib.request.urlopen(request, timeout=3600) as answer:
+            data: dict[str, object] = json.load(answer)
+            return data
     except (OSError, ValueError) as exc:
-        print(f"s3cache: cannot read {url}: {exc}", file=sys.stderr)
+        print(f"s3cache: {method} {url} failed: {exc}", file=sys.stderr)
+        return None
+
+
+def _print_table(stats: dict[str, object] | None) -> int:
+    """A JSON object as a two-column table."""
+    if stats is None:
         return 1
     rows = list(_flatten(stats))
     width = max(len(name) for name, _ in rows)

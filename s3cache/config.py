@@ -248,6 +248,11 @@ class Settings:
         "the longest matching prefix wins",
         repeat=True,
     )
+    scrub_rate: int = _setting(
+        32 * 1024**2,
+        parse_size,
+        "bytes a second the background scrubber re-reads to check block hashes; 0: off",
+    )
     fill_concurrency: int = _setting(
         32, _positive_int, "ranged upstream GETs filling the cache at once, all objects"
     )

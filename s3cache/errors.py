@@ -6,7 +6,12 @@
     ├── InvalidBucketName        400  the bucket name breaks S3's naming rules
     ├── KeyTooLongError          400  the key is longer than 1,024 bytes
     ├── IncompleteBody           400  the body ended before its declared length
+    ├── AuthorizationHeaderMalformed       400  the SigV4 Authorization header cannot be used
+    ├── AuthorizationQueryParametersError  400  the SigV4 presigned-URL parameters cannot be used
     ├── AccessDenied             403
+    ├── InvalidAccessKeyId       403  no secret is known for the access key
+    ├── SignatureDoesNotMatch    403  the SigV4 signature (or a chunk's) is wrong
+    ├── RequestTimeTooSkewed     403  the request time is over 15 minutes from the server's
     ├── NoSuchKey                404
     ├── MethodNotAllowed         405
     ├── PreconditionFailed       412  an If-Match or If-Unmodified-Since condition is false
@@ -63,8 +68,33 @@ class IncompleteBody(S3Error):
     status = 400
 
 
+class AuthorizationHeaderMalformed(S3Error):
+    code = "AuthorizationHeaderMalformed"
+    status = 400
+
+
+class AuthorizationQueryParametersError(S3Error):
+    code = "AuthorizationQueryParametersError"
+    status = 400
+
+
 class AccessDenied(S3Error):
     code = "AccessDenied"
+    status = 403
+
+
+class InvalidAccessKeyId(S3Error):
+    code = "InvalidAccessKeyId"
+    status = 403
+
+
+class SignatureDoesNotMatch(S3Error):
+    code = "SignatureDoesNotMatch"
+    status = 403
+
+
+class RequestTimeTooSkewed(S3Error):
+    code = "RequestTimeTooSkewed"
     status = 403
 
 

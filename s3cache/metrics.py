@@ -124,6 +124,10 @@ CACHE_DEGRADED = Gauge(
 CACHE_WRITE_ERRORS = Counter(
     "s3cache_cache_write_errors_total", "Failed writes to the cache directories"
 )
+CORRUPT_BLOCKS = Counter(
+    "s3cache_corrupt_blocks_total", "Cached blocks whose bytes did not match their hash"
+)
+SCRUBBED_BYTES = Counter("s3cache_scrubbed_bytes_total", "Bytes checked by the scrubber")
 CACHE_EVICTIONS = Counter("s3cache_cache_evictions_total", "Entries evicted")
 CACHE_EVICTED_BYTES = Counter("s3cache_cache_evicted_bytes_total", "Bytes evicted")
 FILLS_IN_FLIGHT = Gauge("s3cache_fills_in_flight", "Block fetches in flight")

@@ -24,7 +24,7 @@ from s3cache.s3.addressing import S3Address
 from s3cache.s3.conditions import Precondition, evaluate, parse_http_date
 from s3cache.s3.objectmeta import RESPONSE_OVERRIDES, not_modified_headers, object_headers
 from s3cache.s3.ranges import ByteRange, is_multi_range, parse_range
-from s3cache.server.sendfile import send_file_range
+from s3cache.sendfile import send_file_range
 from s3cache.store.cache import CacheStore, CacheWriteError
 from s3cache.store.entry import Entry
 from s3cache.upstream import Upstream, UpstreamBroken, iter_body
@@ -189,7 +189,7 @@ class Reader:
         failures = 0
         last_block = entry.block_of(end - 1)
         while position < end:
-            present_end = entry.present_until(position, end)
+            present_end = await self._store.verified_until(entry, position, end)
             if present_end > position:
                 await self._send(request, response, entry, position, present_end)
                 position = present_end

@@ -46,6 +46,11 @@ class Cached:
             time.sleep(0.01)
         time.sleep(0.05)  # the relay records an exchange just after relaying it
 
+    def metrics(self) -> str:
+        with urllib.request.urlopen(f"{self.proxy.endpoint_url}/_s3cache/metrics") as answer:
+            text: str = answer.read().decode()
+            return text
+
     def fetched_ranges(self) -> list[tuple[int, int]]:
         self.settle()
         ranges = []

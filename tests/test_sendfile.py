@@ -1,9 +1,11 @@
 """send_file_range() on a real aiohttp server under uvloop, spoken to over real sockets.
 
-Every test runs twice: once forced onto the zero-copy path (``sendfile``) and once onto
-the chunked fallback. The server runs on its own uvloop loop in a background thread,
-inside ``blockbuster_ctx()``, so any blocking call made on its loop fails the request.
-Clients are plain blocking sockets, http.client, and an aiohttp client on its own loop.
+Every send test runs twice: once forced onto the zero-copy path (``sendfile``) and once
+onto the chunked fallback, with a pool of POOL_THREADS workers. The server runs on its
+own uvloop loop (tests marked LOOPS: also the default asyncio loop) in a background
+thread, inside ``blockbuster_ctx()``, so any blocking call made on its loop fails the
+request. Clients are blocking sockets, http.client, and an aiohttp client on its own
+loop. The remaining tests check how ``auto`` picks a path (plain TCP, TLS).
 """
 
 from __future__ import annotations
@@ -31,8 +33,8 @@ import uvloop
 from aiohttp import web
 from blockbuster import blockbuster_ctx
 
-from s3cache.server import sendfile
-from s3cache.server.sendfile import send_file_range
+from s3cache import sendfile
+from s3cache.sendfile import send_file_range
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -181,15 +183,20 @@ class Server:
             os.close(fd)
 
 
+@pytest.fixture
+def pool() -> Iterator[ThreadPoolExecutor]:
+    executor = ThreadPoolExecutor(POOL_THREADS, thread_name_prefix="test-sendfile")
+    sendfile.set_executor(executor)
+    yield executor
+    sendfile.set_executor(None)
+    executor.shutdown(wait=True)  # hangs (and times out) if a worker is stuck
+
+
 @pytest.fixture(params=["sendfile", "fallback"])
-def mode(request: pytest.FixtureRequest) -> Iterator[str]:
-    pool = ThreadPoolExecutor(POOL_THREADS, thread_name_prefix="test-sendfile")
+def mode(request: pytest.FixtureRequest, pool: ThreadPoolExecutor) -> Iterator[str]:
     sendfile.set_mode(request.param)
-    sendfile.set_executor(pool)
     yield request.param
     sendfile.set_mode("auto")
-    sendfile.set_executor(None)
-    pool.shutdown(wait=True)
 
 
 LOOPS = pytest.mark.parametrize(
@@ -278,10 +285,9 @@ def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
         time.sleep(0.01)
 
 
-def pool_is_idle() -> bool:
+def pool_is_idle(pool: ThreadPoolExecutor) -> bool:
     """All POOL_THREADS workers can run at once: none is stuck in a send."""
     barrier = threading.Barrier(POOL_THREADS + 1)
-    pool = sendfile._pool()
     jobs = [pool.submit(barrier.wait, 5) for _ in range(POOL_THREADS)]
     barrier.wait(5)
     return all(job.result() >= 0 for job in jobs)
@@ -368,7 +374,7 @@ def test_keep_alive_reuse(server: Server, files: dict[str, bytes]) -> None:
 
 @pytest.mark.parametrize("stall", [False, True], ids=["reading", "stalled"])
 def test_client_disconnects_midway(
-    server: Server, files: dict[str, bytes], mode: str, stall: bool
+    server: Server, pool: ThreadPoolExecutor, files: dict[str, bytes], mode: str, stall: bool
 ) -> None:
     fds = open_fds()
     client = RawClient(server, "/file/big?tag=gone", rcvbuf=64 * KiB)
@@ -380,37 +386,56 @@ def test_client_disconnects_midway(
     client.close()
     wait_for(lambda: "gone" in server.outcomes)
     assert server.outcomes["gone"] in ("ConnectionResetError", "ClientConnectionResetError")
-    assert pool_is_idle()
+    assert pool_is_idle(pool)
     assert fetch(server, "/file/big") == files["big"]  # still healthy
     wait_for(lambda: open_fds() <= fds)  # no duplicate fd leaked
 
 
 @LOOPS
-def test_cancelled_mid_send(server: Server, files: dict[str, bytes], mode: str) -> None:
-    """The handler task is cancelled while a worker is sending: the connection must end
-    promptly with a short body, and nothing may keep sending."""
+@pytest.mark.parametrize("reader", ["steady", "stalled"])
+def test_cancelled_mid_send(
+    server: Server,
+    pool: ThreadPoolExecutor,
+    files: dict[str, bytes],
+    monkeypatch: pytest.MonkeyPatch,
+    reader: str,
+) -> None:
+    """The handler task is cancelled while a worker is inside its sendfile/poll loop:
+    the worker must stop at once, the connection must end with a short body.
+
+    Long slices and poll waits keep the worker in the thread for the whole response,
+    so the cancellation lands mid-job; only the socket shutdown can stop it in time."""
+    monkeypatch.setattr(sendfile, "SLICE_SECONDS", 60.0)
+    monkeypatch.setattr(sendfile, "POLL_SECONDS", 60.0)
     fds = open_fds()
     client = RawClient(server, "/file/big?tag=cancel", rcvbuf=64 * KiB)
-    # A slow but steady reader keeps the worker busy inside its poll/sendfile loop.
     while len(client.body) < 2 * MiB:
         client.read(64 * KiB)
-        time.sleep(0.001)
+    if reader == "steady":  # keeps reading until the connection ends
+        drain = threading.Thread(target=client.read_to_end)
+        drain.start()
+    else:
+        time.sleep(0.2)
     assert server.loop is not None
     server.loop.call_soon_threadsafe(server.tasks["cancel"].cancel)
     wait_for(lambda: "cancel" in server.outcomes)
     assert server.outcomes["cancel"] == "CancelledError"
+    assert pool_is_idle(pool)  # well before the 60 s slice or poll would end
     started = time.monotonic()
-    body = client.read_to_end()  # drains what was sent before, then EOF or RST
+    if reader == "steady":
+        drain.join(5)
+    body = client.read_to_end()  # what was sent before, then EOF or RST
     assert time.monotonic() - started < 5
     assert len(body) < len(files["big"])
     assert body == files["big"][: len(body)]
     client.close()
-    assert pool_is_idle()
     assert fetch(server, "/file/small") == files["small"]
     wait_for(lambda: open_fds() <= fds)
 
 
-def test_many_concurrent_clients(server: Server, files: dict[str, bytes]) -> None:
+def test_many_concurrent_clients(
+    server: Server, pool: ThreadPoolExecutor, files: dict[str, bytes]
+) -> None:
     """64 concurrent 4 MiB reads through a pool of 4 threads: all complete, bytes exact."""
     want = hashlib.sha256(files["four"]).hexdigest()
 
@@ -428,7 +453,7 @@ def test_many_concurrent_clients(server: Server, files: dict[str, bytes]) -> Non
             return await asyncio.gather(*(one(session) for _ in range(64)))
 
     assert asyncio.run(run()) == [want] * 64
-    assert pool_is_idle()
+    assert pool_is_idle(pool)
 
 
 @LOOPS

@@ -101,6 +101,8 @@ def _local_name(element: ET.Element) -> str:
 
 async def handle_admin(request: web.Request) -> web.StreamResponse:
     name = request.path[len(ADMIN_PREFIX) :]
+    if name == "verify" and request.method == "POST":
+        return web.json_response(await request.app[STORE].verify_all())
     if request.method not in ("GET", "HEAD"):
         raise NoSuchKey("No such s3cache admin endpoint.", resource=request.path)
     if name == "healthz":

@@ -32,6 +32,9 @@ from s3cache.metrics import (
     CACHE_EVICTIONS,
     CACHE_USED,
     CACHE_WRITE_ERRORS,
+    CORRUPT_BLOCKS,
+    SCRUBBED_BYTES,
+    sample,
 )
 from s3cache.store import files
 from s3cache.store.entry import Entry, ObjectMeta
@@ -45,6 +48,7 @@ INDEX_FILE = "index.sqlite3"
 ACCESS_FLUSH_SECONDS = 2.0
 EVICTION_BATCH = 256
 ORPHAN_BATCH = 500
+SCRUB_PAUSE_SECONDS = 60.0  # after a full pass
 
 
 class CacheWriteError(Exception):
@@ -58,6 +62,7 @@ class CacheStore:
         self._high = int(settings.cache_size * settings.cache_high_watermark)
         self._low = int(settings.cache_size * settings.cache_low_watermark)
         self.block_size = settings.block_size
+        self._scrub_rate = settings.scrub_rate
         self._view: OrderedDict[tuple[str, str], Entry] = OrderedDict()
         self._view_size = view_size
         self._index_thread = ThreadPoolExecutor(1, thread_name_prefix="s3cache-index")
@@ -89,6 +94,8 @@ class CacheStore:
             asyncio.create_task(self._evict_forever()),
             asyncio.create_task(self._sweep_orphans()),
         ]
+        if self._scrub_rate:
+            self._tasks.append(asyncio.create_task(self._scrub_forever()))
         self._evict_needed.set()
 
     async def close(self) -> None:
@@ -310,6 +317,47 @@ class CacheStore:
             elif not entry.dropped:
                 return
         entry.blocks[block] = xxh3
+        entry.verified.add(block)
+
+    async def verified_until(self, entry: Entry, start: int, end: int) -> int:
+        """Like ``entry.present_until``, after checking once the hash of each present
+        block not yet verified by this process: a damaged block is dropped (and will be
+        fetched again), never served."""
+        present_end = entry.present_until(start, end)
+        if present_end <= start:
+            return present_end
+        first, last = entry.block_of(start), entry.block_of(present_end - 1)
+        unverified = [b for b in range(first, last + 1) if b not in entry.verified]
+        if not unverified:
+            return present_end
+        checks = [
+            (b, entry.block_range(b)[0], entry.block_length(b), entry.blocks[b]) for b in unverified
+        ]
+        bad = await _run(files.corrupt_blocks, await self.fd(entry), checks)
+        for block in unverified:
+            if block in bad:
+                await self.drop_block(entry, block)
+            elif block in entry.blocks:
+                entry.verified.add(block)
+        return entry.present_until(start, end)
+
+    async def drop_block(self, entry: Entry, block: int) -> None:
+        """Forget one block whose bytes are damaged."""
+        if entry.blocks.pop(block, None) is None:
+            return
+        entry.verified.discard(block)
+        CORRUPT_BLOCKS.inc()
+        log.error(
+            "s3://%s/%s block %d does not match its hash: dropped, will be refetched",
+            entry.bucket,
+            entry.key,
+            block,
+        )
+        if not entry.dropped:
+            self.used -= entry.block_length(block)
+            await self._in_index_thread(
+                self.index.remove_block, entry.id, block, entry.block_length(block)
+            )
 
     # --- background work ---------------------------------------------------------
 
@@ -368,6 +416,64 @@ class CacheStore:
             await _run(files.unlink, files.file_path(self._dirs[directory], name))
         CACHE_EVICTIONS.inc()
         CACHE_EVICTED_BYTES.inc(present)
+
+    async def _scrub_forever(self) -> None:
+        """Re-check every block's hash in the background, at most ``scrub_rate`` bytes
+        a second, so that bit rot is found before a reader meets it."""
+        cursor = 0
+        while True:
+            rows = await self._in_index_thread(self.index.entries_after, cursor, 32)
+            if not rows:
+                cursor = 0
+                await asyncio.sleep(SCRUB_PAUSE_SECONDS)
+                continue
+            for row in rows:
+                cursor = row.id
+                checked = await self.scrub(row)
+                SCRUBBED_BYTES.inc(checked)
+                await asyncio.sleep(checked / self._scrub_rate)
+
+    async def verify_all(self) -> dict[str, int]:
+        """Check every block of every entry now (``s3cache verify``)."""
+        cursor = entries = checked = 0
+        before = sample(CORRUPT_BLOCKS)
+        while rows := await self._in_index_thread(self.index.entries_after, cursor, 64):
+            for row in rows:
+                cursor = row.id
+                entries += 1
+                checked += await self.scrub(row)
+        corrupt = int(sample(CORRUPT_BLOCKS) - before)
+        return {"entries": entries, "bytes_checked": checked, "corrupt_blocks": corrupt}
+
+    async def scrub(self, row: EntryRow) -> int:
+        """Check every present block of an entry; drop the damaged ones. Returns the
+        bytes read."""
+        entry = self._view.get((row.bucket, row.key))
+        if entry is not None and entry.id == row.id and not entry.dropped:
+            checks = [
+                (b, entry.block_range(b)[0], entry.block_length(b), h)
+                for b, h in list(entry.blocks.items())
+            ]
+            bad = await _run(files.corrupt_blocks, await self.fd(entry), checks)
+            for block in bad:
+                await self.drop_block(entry, block)
+            return sum(length for _, _, length, _ in checks)
+        path = files.file_path(self._dirs[row.dir], row.file)
+        checks = []
+        for block, xxh3 in row.blocks.items():
+            start = block * row.block_size
+            checks.append((block, start, min(row.block_size, row.size - start), xxh3))
+        try:
+            bad = await _run(files.corrupt_blocks_in, path, checks)
+        except OSError:
+            bad = [block for block, _, _, _ in checks]  # the file is gone or unreadable
+        for block in bad:
+            length = next(length for b, _, length, _ in checks if b == block)
+            CORRUPT_BLOCKS.inc()
+            log.error("s3://%s/%s block %d is damaged: dropped", row.bucket, row.key, block)
+            await self._in_index_thread(self.index.remove_block, row.id, block, length)
+            self.used -= length
+        return sum(length for _, _, length, _ in checks)
 
     async def _sweep_orphans(self) -> None:
         """Remove block files that no index row claims (left by a crash), a batch at a

@@ -41,6 +41,7 @@ class Entry:
         "dropped",
         "fd",
         "revalidation",
+        "verified",
     )
 
     def __init__(
@@ -72,6 +73,9 @@ class Entry:
         self.dropped = False
         self.fd: int | None = None
         self.revalidation: asyncio.Future[None] | None = None
+        # Blocks whose bytes were checked against their hash (or written) by this
+        # process: the others are checked once before they are first served.
+        self.verified: set[int] = set()
 
     @property
     def size(self) -> int:

@@ -12,6 +12,7 @@ from pathlib import Path
 import xxhash
 
 DATA_DIR = "data"
+VERIFY_PIECE = 1024 * 1024
 
 
 def file_name(bucket: str, key: str, etag: str) -> str:
@@ -51,6 +52,33 @@ def write_at(fd: int, offset: int, data: bytes | memoryview) -> None:
 
 def read_at(fd: int, offset: int, length: int) -> bytes:
     return os.pread(fd, length, offset)
+
+
+def corrupt_blocks(fd: int, blocks: list[tuple[int, int, int, int]]) -> list[int]:
+    """Of (block, offset, length, xxh3-64) tuples, the blocks whose bytes in the file
+    do not hash to the recorded value."""
+    bad = []
+    for block, offset, length, expected in blocks:
+        hasher = xxhash.xxh3_64()
+        position, end = offset, offset + length
+        while position < end:
+            piece = os.pread(fd, min(VERIFY_PIECE, end - position), position)
+            if not piece:
+                break
+            hasher.update(piece)
+            position += len(piece)
+        if position != end or hasher.intdigest() != expected:
+            bad.append(block)
+    return bad
+
+
+def corrupt_blocks_in(path: Path, blocks: list[tuple[int, int, int, int]]) -> list[int]:
+    """corrupt_blocks() of a file that is not open."""
+    fd = open_existing(path)
+    try:
+        return corrupt_blocks(fd, blocks)
+    finally:
+        os.close(fd)
 
 
 def unlink(path: Path) -> None:

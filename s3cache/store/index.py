@@ -18,6 +18,7 @@ import sqlite3
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS entries (
@@ -100,20 +101,21 @@ class Index:
         row = self._db.execute(
             f"SELECT {_ENTRY_COLUMNS} FROM entries WHERE bucket = ? AND key = ?", (bucket, key)
         ).fetchone()
-        if row is None:
-            return None
+        return None if row is None else self._row(row)
+
+    def _row(self, row: tuple[Any, ...]) -> EntryRow:
         blocks = {
             block: unsigned64(xxh3)
             for block, xxh3 in self._db.execute(
                 "SELECT block, xxh3 FROM blocks WHERE entry_id = ?", (row[0],)
             )
         }
-        entry_id, bucket, key_, etag, size, modified, headers, *rest = row
+        entry_id, bucket, key, etag, size, modified, headers, *rest = row
         directory, file, block_size, present, validated, accessed = rest
         return EntryRow(
             id=entry_id,
             bucket=bucket,
-            key=key_,
+            key=key,
             etag=etag,
             size=size,
             last_modified=modified,
@@ -126,6 +128,14 @@ class Index:
             accessed_at=accessed,
             blocks=blocks,
         )
+
+    def entries_after(self, entry_id: int, limit: int) -> list[EntryRow]:
+        """Entries with an id above ``entry_id``, in id order (the scrubber's walk)."""
+        rows = self._db.execute(
+            f"SELECT {_ENTRY_COLUMNS} FROM entries WHERE id > ? ORDER BY id LIMIT ?",
+            (entry_id, limit),
+        ).fetchall()
+        return [self._row(row) for row in rows]
 
     def insert(self, row: EntryRow) -> int:
         """Insert a new entry (replacing any row of the same key) and return its id."""
