@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import time
 from dataclasses import dataclass
 
 import aiohttp
@@ -30,6 +31,7 @@ from s3cache.errors import ServiceUnavailable
 from s3cache.metrics import (
     COALESCED_WAITERS,
     FILLS_IN_FLIGHT,
+    PREFETCHED_BYTES,
     REVALIDATIONS,
     UPSTREAM_BLOCK_FETCHES,
     UPSTREAM_FILL_BYTES,
@@ -73,10 +75,11 @@ class BlockFetch:
         "error",
         "done",
         "hasher",
+        "prefetch",
         "_waiters",
     )
 
-    def __init__(self, entry: Entry, first: int, last: int) -> None:
+    def __init__(self, entry: Entry, first: int, last: int, *, prefetch: bool = False) -> None:
         self.entry = entry
         self.first = first
         self.last = last
@@ -86,6 +89,7 @@ class BlockFetch:
         self.error: BaseException | None = None
         self.done = False
         self.hasher = xxhash.xxh3_64()  # of the block being written, across retries
+        self.prefetch = prefetch
         self._waiters: list[asyncio.Future[None]] = []
 
     @property
@@ -225,16 +229,20 @@ class Filler:
 
     # --- block fetches -----------------------------------------------------------
 
-    def fetch(self, entry: Entry, block: int) -> BlockFetch | None:
+    def fetch(self, entry: Entry, block: int, *, prefetch: bool = False) -> BlockFetch | None:
         """The fetch bringing ``block``: an existing one, or a new one. None if the
-        block is present. Raises CacheFull if the cache cannot take it."""
+        block is present. Raises CacheFull if the cache cannot take it.
+
+        A prefetch fetch does not take one of the demand slots: the prefetcher's own
+        workers are its concurrency budget, so demand reads never queue behind it."""
         if block in entry.blocks:
             return None
         existing = entry.fetches.get(block)
         if existing is not None:
-            COALESCED_WAITERS.inc()
+            if not prefetch:
+                COALESCED_WAITERS.inc()
             return existing  # type: ignore[no-any-return]
-        return self._start(entry, block, block, None)
+        return self._start(entry, block, block, None, prefetch=prefetch)
 
     def read_ahead(self, entry: Entry, block: int, last_block: int) -> None:
         """Start fetches for the missing blocks after ``block``, up to ``last_block``,
@@ -249,9 +257,15 @@ class Filler:
                     return
 
     def _start(
-        self, entry: Entry, first: int, last: int, response: aiohttp.ClientResponse | None
+        self,
+        entry: Entry,
+        first: int,
+        last: int,
+        response: aiohttp.ClientResponse | None,
+        *,
+        prefetch: bool = False,
     ) -> BlockFetch:
-        fetch = BlockFetch(entry, first, last)
+        fetch = BlockFetch(entry, first, last, prefetch=prefetch)
         if not self._store.reserve(fetch.end - fetch.start):
             if response is not None:
                 response.release()
@@ -324,7 +338,9 @@ class Filler:
             async with response:
                 await self._receive(fetch, response)
             return
-        async with self._slots:
+        async with contextlib.AsyncExitStack() as slot:
+            if not fetch.prefetch:
+                await slot.enter_async_context(self._slots)
             response = await self._request(fetch)
             async with response:
                 await self._receive(fetch, response)
@@ -383,6 +399,9 @@ class Filler:
             if position == block_end:
                 await self._store.add_block(entry, block, fetch.hasher.intdigest())
                 fetch.hasher.reset()
+                if fetch.prefetch:
+                    entry.prefetched[block] = time.monotonic()
+                    PREFETCHED_BYTES.inc(entry.block_length(block))
         fetch.written = position - fetch.start
         fetch._progress()
         return position

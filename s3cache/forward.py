@@ -75,12 +75,17 @@ async def forward(
 
 
 async def send_upstream(
-    request: web.Request, address: S3Address, upstream: Upstream
+    request: web.Request, address: S3Address, upstream: Upstream, *, body: bytes | None = None
 ) -> aiohttp.ClientResponse:
-    """Send ``request`` to the upstream, re-signed; the caller relays the answer."""
-    headers, body = _upstream_request(request)
+    """Send ``request`` to the upstream, re-signed; the caller relays the answer.
+    ``body``: the request body, if the caller has already read it (as it came)."""
+    headers, streamed = _upstream_request(request)
+    if body is not None:
+        headers["Content-Length"] = str(len(body))
     url = upstream.url(address.bucket, address.key, address.query)
-    return await upstream.request(request.method, url, headers, body, kind=UpstreamKind.FORWARD)
+    return await upstream.request(
+        request.method, url, headers, streamed if body is None else body, kind=UpstreamKind.FORWARD
+    )
 
 
 async def relay_response(
@@ -123,6 +128,11 @@ def abort(request: web.Request) -> None:
     transport = request.transport
     if transport is not None:
         transport.abort()
+
+
+def is_signed_streaming(request: web.Request) -> bool:
+    """The body is aws-chunked with chunk signatures (decoded on the way through)."""
+    return request.headers.get("x-amz-content-sha256", "") in _SIGNED_STREAMING
 
 
 def _upstream_request(

@@ -140,6 +140,21 @@ REVALIDATIONS = Counter(
 )
 
 
+PREFETCH_QUEUE_DEPTH = Gauge("s3cache_prefetch_queue_depth", "Prefetch items waiting")
+PREFETCHED_BYTES = Counter("s3cache_prefetched_bytes_total", "Bytes brought in by prefetch")
+PREFETCH_USEFUL_BYTES = Counter(
+    "s3cache_prefetch_useful_bytes_total", "Prefetched bytes later read by a client"
+)
+PREFETCH_WASTED_BYTES = Counter(
+    "s3cache_prefetch_wasted_bytes_total", "Prefetched bytes evicted or dropped unread"
+)
+PREFETCH_LEAD = Histogram(
+    "s3cache_prefetch_lead_seconds",
+    "Time from a prefetched block landing to its first read",
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600),
+)
+
+
 def sample(metric: Counter | Gauge, **labels: str) -> float:
     """The current value of one of the metrics above (0 if never set). Reads only
     that metric: no collector of the registry (some read /proc) runs."""

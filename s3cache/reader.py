@@ -161,7 +161,8 @@ class Reader:
             outcome = _outcome(from_cache, span.length)
             await self._first_bytes_ready(entry, span.start)
             await response.prepare(request)
-            await self._stream(request, response, entry, span.start, span.end + 1)
+            if await self._stream(request, response, entry, span.start, span.end + 1):
+                await response.write_eof()
             SERVED_BYTES.labels(ByteSource.CACHE.value).inc(from_cache)
             SERVED_BYTES.labels(ByteSource.UPSTREAM.value).inc(span.length - from_cache)
         _count(request, outcome)
@@ -182,9 +183,10 @@ class Reader:
 
     async def _stream(
         self, request: web.Request, response: web.StreamResponse, entry: Entry, start: int, end: int
-    ) -> None:
+    ) -> bool:
         """Send bytes [start, end) of the entry: from the file where present, waiting
-        for fetches where not, straight from the upstream if the cache cannot help."""
+        for fetches where not, straight from the upstream if the cache cannot help.
+        False if the response had to be aborted."""
         position = start
         failures = 0
         last_block = entry.block_of(end - 1)
@@ -199,8 +201,7 @@ class Reader:
                 fetch = self._filler.fetch(entry, block)
                 self._filler.read_ahead(entry, block, last_block)
             except CacheFull:
-                await self._stream_uncached(request, response, entry, position, end)
-                return
+                return await self._stream_uncached(request, response, entry, position, end)
             if fetch is None:
                 continue
             await fetch.wait_past(position)
@@ -213,10 +214,10 @@ class Reader:
                 if isinstance(fetch.error, VersionChanged) or failures >= FETCH_ATTEMPTS:
                     log.warning("aborting a response: %s", fetch.error)
                     abort(request)
-                    return
+                    return False
                 if isinstance(fetch.error, CacheWriteError):
-                    await self._stream_uncached(request, response, entry, position, end)
-                    return
+                    return await self._stream_uncached(request, response, entry, position, end)
+        return True
 
     async def _send(
         self, request: web.Request, response: web.StreamResponse, entry: Entry, start: int, end: int
@@ -226,9 +227,9 @@ class Reader:
 
     async def _stream_uncached(
         self, request: web.Request, response: web.StreamResponse, entry: Entry, start: int, end: int
-    ) -> None:
+    ) -> bool:
         """The cache cannot take these bytes: relay them from the upstream, same
-        version (If-Match), or abort the response."""
+        version (If-Match), or abort the response (False)."""
         headers = {"Range": f"bytes={start}-{end - 1}", "If-Match": entry.meta.etag}
         url = self._upstream.url(entry.bucket, entry.key)
         try:
@@ -240,9 +241,11 @@ class Reader:
                     raise FetchFailed(f"upstream answered {upstream_response.status}")
                 async for chunk in iter_body(upstream_response, kind=UpstreamKind.BLOCK):
                     await response.write(chunk)
+            return True
         except (FetchFailed, UpstreamBroken, ServiceUnavailable) as exc:
             log.warning("aborting a response: uncached stream failed: %s", exc)
             abort(request)
+            return False
 
 
 def _count(request: web.Request, outcome: CacheOutcome) -> None:

@@ -257,6 +257,21 @@ def test_writes_through_s3cache_invalidate_at_once(cached: Cached, bucket: str) 
             get(client, bucket, key)
 
 
+def test_quiet_delete_objects_invalidates(cached: Cached, bucket: str) -> None:
+    """A quiet DeleteObjects answer lists no key: the keys come from the request."""
+    client = cached.client
+    for key in ("q1", "q 2+"):
+        client.put_object(Bucket=bucket, Key=key, Body=b"cached")
+        assert get(client, bucket, key) == b"cached"
+    client.delete_objects(
+        Bucket=bucket, Delete={"Objects": [{"Key": "q1"}, {"Key": "q 2+"}], "Quiet": True}
+    )
+    for key in ("q1", "q 2+"):
+        with pytest.raises(ClientError) as excinfo:
+            get(client, bucket, key)
+        assert excinfo.value.response["Error"]["Code"] == "NoSuchKey"
+
+
 def test_overwrite_at_upstream_is_seen_after_ttl(
     tmp_path: Path, upstream: SeaweedS3, bucket: str
 ) -> None:

@@ -9,7 +9,13 @@ from aiohttp import web
 
 from s3cache.errors import NoSuchKey
 from s3cache.fill import Filler
-from s3cache.forward import forward, relay_response, response_headers, send_upstream
+from s3cache.forward import (
+    forward,
+    is_signed_streaming,
+    relay_response,
+    response_headers,
+    send_upstream,
+)
 from s3cache.metrics import (
     CACHE_EVICTED_BYTES,
     CACHE_EVICTIONS,
@@ -32,6 +38,7 @@ from s3cache.upstream import Upstream
 ADMIN_PREFIX = "/_s3cache/"
 # A DeleteObjects answer lists at most 1,000 keys: a few hundred KiB at the very most.
 MAX_DELETE_RESULT_BYTES = 4 * 1024 * 1024
+MAX_DELETE_REQUEST_BYTES = 2 * 1024 * 1024
 
 UPSTREAM = web.AppKey("upstream", Upstream)
 FILLER = web.AppKey("filler", Filler)
@@ -62,7 +69,13 @@ async def forward_write(request: web.Request, address: S3Address) -> web.StreamR
     app = request.app
     filler = app[FILLER]
     assert address.bucket is not None
-    response = await send_upstream(request, address, app[UPSTREAM])
+    body = None
+    requested: list[str] = []
+    if request.method == "POST" and address.has_param("delete"):
+        # A quiet DeleteObjects answer names no key: take them from the request.
+        body = await _read_small_body(request)
+        requested = keys_in(body, "Object") if body is not None else []
+    response = await send_upstream(request, address, app[UPSTREAM], body=body)
     async with response:
         if response.status >= 300:
             return await relay_response(request, response)
@@ -70,27 +83,36 @@ async def forward_write(request: web.Request, address: S3Address) -> web.StreamR
             await filler.invalidate(address.bucket, address.key)
             return await relay_response(request, response)
         if request.method == "POST" and address.has_param("delete"):
-            body = await response.content.read(MAX_DELETE_RESULT_BYTES)
-            for key in deleted_keys(body):
+            result = await response.content.read(MAX_DELETE_RESULT_BYTES)
+            for key in {*requested, *keys_in(result, "Deleted")}:
                 await filler.invalidate(address.bucket, key)
             return web.Response(
-                status=response.status, headers=response_headers(response), body=body
+                status=response.status, headers=response_headers(response), body=result
             )
         return await relay_response(request, response)
 
 
-def deleted_keys(delete_result: bytes) -> list[str]:
-    """Keys of ``<DeleteResult><Deleted><Key>`` (DeleteObjects). If the answer cannot
-    be read, no key is named — the answer still goes to the client as it came."""
+async def _read_small_body(request: web.Request) -> bytes | None:
+    """The whole body of a small request (DeleteObjects: at most 1,000 keys), or None
+    if it is too big or signed chunk by chunk (then it streams through as usual)."""
+    length = request.content_length
+    if length is None or length > MAX_DELETE_REQUEST_BYTES or is_signed_streaming(request):
+        return None
+    return await request.content.readexactly(length)
+
+
+def keys_in(document: bytes, parent: str) -> list[str]:
+    """The ``<Key>`` children of every ``<parent>`` element: ``Object`` in a
+    DeleteObjects request, ``Deleted`` in its answer. Nothing if it does not parse."""
     try:
-        root = ET.fromstring(delete_result)
+        root = ET.fromstring(document)
     except ET.ParseError:
         return []
     return [
         child.text or ""
-        for deleted in root.iter()
-        if _local_name(deleted) == "Deleted"
-        for child in deleted
+        for element in root.iter()
+        if _local_name(element) == parent
+        for child in element
         if _local_name(child) == "Key"
     ]
 

@@ -33,6 +33,7 @@ from s3cache.metrics import (
     CACHE_USED,
     CACHE_WRITE_ERRORS,
     CORRUPT_BLOCKS,
+    PREFETCH_WASTED_BYTES,
     SCRUBBED_BYTES,
     sample,
 )
@@ -190,6 +191,10 @@ class CacheStore:
         if entry.dropped:
             return
         entry.dropped = True
+        unread = sum(entry.block_length(block) for block in entry.prefetched)
+        if unread:
+            PREFETCH_WASTED_BYTES.inc(unread)
+            entry.prefetched.clear()
         if self._view.get((entry.bucket, entry.key)) is entry:
             del self._view[(entry.bucket, entry.key)]
         self._accessed.pop(entry.id, None)

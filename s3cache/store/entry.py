@@ -42,6 +42,9 @@ class Entry:
         "fd",
         "revalidation",
         "verified",
+        "prefetched",
+        "next_offset",
+        "window",
     )
 
     def __init__(
@@ -76,6 +79,12 @@ class Entry:
         # Blocks whose bytes were checked against their hash (or written) by this
         # process: the others are checked once before they are first served.
         self.verified: set[int] = set()
+        # Blocks brought by prefetch and not read yet -> when they landed (monotonic).
+        self.prefetched: dict[int, float] = {}
+        # Sequential read detection: where the next read would start if sequential,
+        # and the read-ahead window (blocks) it has earned.
+        self.next_offset = -1
+        self.window = 0
 
     @property
     def size(self) -> int:
