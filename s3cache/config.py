@@ -253,6 +253,15 @@ class Settings:
         parse_size,
         "bytes a second the background scrubber re-reads to check block hashes; 0: off",
     )
+    prefetch_concurrency: int = _setting(
+        8, _positive_int, "block fetches prefetch may have in flight (apart from demand reads)"
+    )
+    readahead_max: int = _setting(
+        64 * 1024**2, parse_size, "largest read-ahead window of a sequential reader"
+    )
+    manifest_lead: int = _setting(
+        2 * 1024**3, parse_size, "how far ahead of the client an epoch manifest is prefetched"
+    )
     fill_concurrency: int = _setting(
         32, _positive_int, "ranged upstream GETs filling the cache at once, all objects"
     )

@@ -20,6 +20,7 @@ from s3cache.errors import InvalidRange, PreconditionFailed, ServiceUnavailable
 from s3cache.fill import CacheFull, FetchFailed, Filler, VersionChanged
 from s3cache.forward import abort, forward, relay_response
 from s3cache.metrics import CACHE_READS, SERVED_BYTES, ByteSource, CacheOutcome, UpstreamKind
+from s3cache.prefetch import Prefetcher
 from s3cache.s3.addressing import S3Address
 from s3cache.s3.conditions import Precondition, evaluate, parse_http_date
 from s3cache.s3.objectmeta import RESPONSE_OVERRIDES, not_modified_headers, object_headers
@@ -45,9 +46,15 @@ FETCH_ATTEMPTS = 3
 
 class Reader:
     def __init__(
-        self, settings: LiveSettings, store: CacheStore, filler: Filler, upstream: Upstream
+        self,
+        settings: LiveSettings,
+        store: CacheStore,
+        filler: Filler,
+        upstream: Upstream,
+        prefetcher: Prefetcher,
     ) -> None:
         self._settings = settings
+        self._prefetcher = prefetcher
         self._store = store
         self._filler = filler
         self._upstream = upstream
@@ -159,6 +166,7 @@ class Reader:
         else:
             from_cache = _present_bytes(entry, span.start, span.end + 1)
             outcome = _outcome(from_cache, span.length)
+            self._prefetcher.observe_read(entry, span.start, span.end + 1)
             await self._first_bytes_ready(entry, span.start)
             await response.prepare(request)
             if await self._stream(request, response, entry, span.start, span.end + 1):

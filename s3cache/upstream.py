@@ -40,6 +40,7 @@ from s3cache.metrics import (
     status_class,
 )
 from s3cache.s3.addressing import encode_path, encode_query
+from s3cache.s3.listing import parse_list_v2
 
 log = logging.getLogger(__name__)
 
@@ -175,6 +176,27 @@ class Upstream:
             return str(exc) or "no answer in time"
         response.release()
         return None
+
+    async def list_objects(self, bucket: str, prefix: str) -> list[tuple[str, int]]:
+        """Every (key, size) under a prefix, following continuation tokens."""
+        objects: list[tuple[str, int]] = []
+        token: str | None = None
+        while True:
+            query = [("list-type", "2"), ("prefix", prefix)]
+            if token:
+                query.append(("continuation-token", token))
+            response = await self.request(
+                "GET", self.url(bucket, None, tuple(query)), {}, kind=UpstreamKind.BLOCK
+            )
+            async with response:
+                body = await response.read()
+                if response.status != 200:
+                    raise ServiceUnavailable(f"listing s3://{bucket}/{prefix}: {response.status}")
+            page = parse_list_v2(body)
+            objects.extend(page.objects)
+            if page.next_token is None:
+                return objects
+            token = page.next_token
 
     async def _sign(self, method: str, url: yarl.URL, headers: Mapping[str, str]) -> dict[str, str]:
         request_headers = dict(headers)

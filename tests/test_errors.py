@@ -106,6 +106,6 @@ def test_garbage_does_not_crash_the_process(s3cache: S3CacheProcess, client: Any
             sock.sendall(payload)
             sock.shutdown(socket.SHUT_WR)
             answer = sock.recv(65536)
-            assert answer == b"" or answer.startswith(b"HTTP/1.1 ")
+            assert answer == b"" or answer.startswith(b"HTTP/1.")
     # Still alive and serving.
     assert client.list_buckets()["ResponseMetadata"]["HTTPStatusCode"] == 200

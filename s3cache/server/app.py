@@ -11,9 +11,11 @@ from aiohttp import web
 
 from s3cache.config import RELOADABLE, ConfigError, LiveSettings, Settings
 from s3cache.fill import Filler
+from s3cache.prefetch import Prefetcher
 from s3cache.reader import Reader
-from s3cache.server.handlers import FILLER, READER, STORE, UPSTREAM, handle
-from s3cache.server.middleware import LIVE_SETTINGS, observe, on_response_prepare
+from s3cache.server.handlers import handle
+from s3cache.server.keys import FILLER, LIVE_SETTINGS, PREFETCHER, READER, STORE, UPSTREAM
+from s3cache.server.middleware import observe, on_response_prepare
 from s3cache.store.cache import CacheStore
 from s3cache.upstream import Upstream
 
@@ -42,13 +44,17 @@ async def _components(app: web.Application) -> AsyncIterator[None]:
     store = CacheStore(settings)
     await store.open()
     filler = Filler(settings, store, upstream)
+    prefetcher = Prefetcher(settings, store, filler, upstream)
+    await prefetcher.start()
     app[UPSTREAM] = upstream
     app[STORE] = store
     app[FILLER] = filler
-    app[READER] = Reader(live, store, filler, upstream)
+    app[PREFETCHER] = prefetcher
+    app[READER] = Reader(live, store, filler, upstream, prefetcher)
     try:
         yield
     finally:
+        await prefetcher.close()
         await filler.close()
         await store.close()
         await upstream.close()

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
 import xml.etree.ElementTree as ET
 
 from aiohttp import web
 
-from s3cache.errors import NoSuchKey
-from s3cache.fill import Filler
 from s3cache.forward import (
     forward,
     is_signed_streaming,
@@ -16,41 +13,23 @@ from s3cache.forward import (
     response_headers,
     send_upstream,
 )
-from s3cache.metrics import (
-    CACHE_EVICTED_BYTES,
-    CACHE_EVICTIONS,
-    CACHE_READS,
-    FILLS_IN_FLIGHT,
-    SERVED_BYTES,
-    UPSTREAM_BLOCK_FETCHES,
-    ByteSource,
-    CacheOutcome,
-    exposition,
-    sample,
-)
 from s3cache.reader import Reader
 from s3cache.s3.addressing import S3Address, resolve
 from s3cache.s3.operations import Operation, classify
-from s3cache.server.middleware import BUCKET, LIVE_SETTINGS, OPERATION
-from s3cache.store.cache import CacheStore
-from s3cache.upstream import Upstream
+from s3cache.server.admin import ADMIN_PREFIX, handle_admin
+from s3cache.server.keys import FILLER, LIVE_SETTINGS, READER, UPSTREAM
+from s3cache.server.middleware import BUCKET, OPERATION
 
-ADMIN_PREFIX = "/_s3cache/"
 # A DeleteObjects answer lists at most 1,000 keys: a few hundred KiB at the very most.
 MAX_DELETE_RESULT_BYTES = 4 * 1024 * 1024
 MAX_DELETE_REQUEST_BYTES = 2 * 1024 * 1024
-
-UPSTREAM = web.AppKey("upstream", Upstream)
-FILLER = web.AppKey("filler", Filler)
-READER = web.AppKey("reader", Reader)
-STORE = web.AppKey("store", CacheStore)
 
 
 async def handle(request: web.Request) -> web.StreamResponse:
     """The single entry point for every request on the S3 port."""
     if request.raw_path.startswith(ADMIN_PREFIX):
         request[OPERATION] = Operation.ADMIN
-        return await handle_admin(request)
+        return await handle_admin(request, request.path[len(ADMIN_PREFIX) :])
     app = request.app
     domains = app[LIVE_SETTINGS].current.virtual_host_domains
     address = resolve(request.host, request.raw_path, domains)
@@ -119,55 +98,3 @@ def keys_in(document: bytes, parent: str) -> list[str]:
 
 def _local_name(element: ET.Element) -> str:
     return element.tag.rsplit("}", 1)[-1]
-
-
-async def handle_admin(request: web.Request) -> web.StreamResponse:
-    name = request.path[len(ADMIN_PREFIX) :]
-    if name == "verify" and request.method == "POST":
-        return web.json_response(await request.app[STORE].verify_all())
-    if request.method not in ("GET", "HEAD"):
-        raise NoSuchKey("No such s3cache admin endpoint.", resource=request.path)
-    if name == "healthz":
-        return web.Response(text="ok\n")
-    if name == "readyz":
-        problems = await readiness_problems(request.app)
-        return web.json_response(
-            {"ready": not problems, "problems": problems}, status=503 if problems else 200
-        )
-    if name == "stats":
-        return web.json_response(stats(request.app))
-    if name == "metrics":
-        body = await asyncio.get_running_loop().run_in_executor(None, exposition)
-        return web.Response(body=body, content_type="text/plain", charset="utf-8")
-    raise NoSuchKey("No such s3cache admin endpoint.", resource=request.path)
-
-
-async def readiness_problems(app: web.Application) -> dict[str, str]:
-    """Ready: the upstream answers, every cache dir takes writes, the index is open."""
-    problems = await app[STORE].check()
-    unreachable = await app[UPSTREAM].probe()
-    if unreachable:
-        problems["upstream"] = unreachable
-    return problems
-
-
-def stats(app: web.Application) -> dict[str, object]:
-    """The cache at a glance, as JSON."""
-    store = app[STORE]
-    reads = {outcome.value: sample(CACHE_READS, outcome=outcome.value) for outcome in CacheOutcome}
-    served = {source.value: sample(SERVED_BYTES, source=source.value) for source in ByteSource}
-    served_total = sum(served.values())
-    return {
-        "capacity_bytes": store.capacity,
-        "used_bytes": store.used,
-        "entries": store.entries,
-        "entries_in_memory": store.entries_in_view(),
-        "degraded": store.degraded,
-        "reads": reads,
-        "served_bytes": served,
-        "byte_hit_ratio": served["cache"] / served_total if served_total else None,
-        "upstream_block_fetches": sample(UPSTREAM_BLOCK_FETCHES),
-        "fills_in_flight": sample(FILLS_IN_FLIGHT),
-        "evictions": sample(CACHE_EVICTIONS),
-        "evicted_bytes": sample(CACHE_EVICTED_BYTES),
-    }

@@ -11,7 +11,6 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from s3cache.config import LiveSettings
 from s3cache.errors import InternalError, S3Error, error_document
 from s3cache.metrics import (
     REQUEST_DURATION,
@@ -22,6 +21,7 @@ from s3cache.metrics import (
 )
 from s3cache.reader import OUTCOME
 from s3cache.s3.operations import Operation
+from s3cache.server.keys import LIVE_SETTINGS
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("s3cache.access")
@@ -32,7 +32,6 @@ HEAD_SENT = web.RequestKey("head_sent", float)
 OPERATION = web.RequestKey("operation", Operation)
 BUCKET = web.RequestKey("bucket", str)
 KEY_ID = web.RequestKey("key_id", str)
-LIVE_SETTINGS = web.AppKey("live_settings", LiveSettings)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 

@@ -74,6 +74,9 @@ class CacheStore:
         self.used = 0
         self.reserved = 0
         self.entries = 0
+        # Eviction order hint from the prefetcher (lower is evicted first; ties in LRU
+        # order): objects an epoch manifest needs soon stay.
+        self.eviction_rank: Callable[[str, str], float] = lambda bucket, key: 0.0
         self.degraded = False  # a write to a cache dir failed since the last success
 
     # --- lifecycle ---------------------------------------------------------------
@@ -400,6 +403,8 @@ class CacheStore:
             victims = [row for row in coldest if row[0] not in skipped]
             if not victims:
                 return
+            # A stable sort keeps LRU order among equals.
+            victims.sort(key=lambda row: self.eviction_rank(row[1], row[2]))
             for entry_id, bucket, key, _dir, _file, present in victims:
                 if self.used + self.reserved <= target:
                     return

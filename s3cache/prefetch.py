@@ -1,0 +1,359 @@
+"""Prefetch: bring blocks in before a client asks for them.
+
+Three sources feed one priority queue, served by a fixed number of workers (the
+prefetch concurrency budget, separate from the demand fills: a demand read never
+waits behind prefetch):
+
+1. sequential read-ahead: a client reading an object in order (ranged GETs that start
+   where the previous one ended) earns a read-ahead window that doubles with each
+   sequential read up to ``readahead_max``; a jump elsewhere resets it;
+2. warm jobs: ``POST /_s3cache/prefetch`` with a prefix or a list of keys;
+3. epoch manifests: the ordered list of keys a data loader will read this epoch; they
+   are prefetched in that order, keeping ``manifest_lead`` bytes ahead of the position
+   the client is observed at, and eviction keeps what is needed soonest.
+
+Metrics: bytes prefetched, prefetched bytes later read (useful) or dropped unread
+(wasted), and the lead time between a prefetched block landing and its first read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import itertools
+import logging
+import time
+import uuid
+from collections.abc import Coroutine, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from s3cache.config import Settings
+from s3cache.fill import CacheFull, Filler
+from s3cache.metrics import PREFETCH_LEAD, PREFETCH_QUEUE_DEPTH, PREFETCH_USEFUL_BYTES
+from s3cache.store.cache import CacheStore
+from s3cache.store.entry import Entry
+from s3cache.upstream import Upstream
+
+log = logging.getLogger(__name__)
+
+
+class Priority(enum.IntEnum):
+    READ_AHEAD = 0
+    MANIFEST = 1
+    WARM = 2
+
+
+class JobState(enum.Enum):
+    LISTING = "listing"
+    RUNNING = "running"
+    DONE = "done"
+    CANCELLED = "cancelled"
+    STOPPED = "stopped"  # the prefix is larger than the cache can hold
+    FAILED = "failed"
+
+
+@dataclass(slots=True)
+class Job:
+    """A warm job: objects to bring into the cache, with its progress."""
+
+    id: str
+    bucket: str
+    description: str
+    state: JobState = JobState.LISTING
+    objects_total: int = 0
+    bytes_total: int = 0
+    objects_done: int = 0
+    bytes_done: int = 0
+    started: float = field(default_factory=time.time)
+    finished: float | None = None
+    message: str = ""
+    pending: int = 0  # items queued and not finished
+    stop_after_queued: str = ""  # why the job stops once its queued items are done
+
+    def as_dict(self) -> dict[str, object]:
+        elapsed = (self.finished or time.time()) - self.started
+        rate = self.bytes_done / elapsed if elapsed > 0 else 0.0
+        remaining = self.bytes_total - self.bytes_done
+        return {
+            "id": self.id,
+            "bucket": self.bucket,
+            "what": self.description,
+            "state": self.state.value,
+            "objects_total": self.objects_total,
+            "objects_done": self.objects_done,
+            "bytes_total": self.bytes_total,
+            "bytes_done": self.bytes_done,
+            "bytes_per_second": rate,
+            "eta_seconds": remaining / rate if rate and self.state is JobState.RUNNING else None,
+            "message": self.message,
+        }
+
+    def finish(self, state: JobState, message: str = "") -> None:
+        if self.finished is None:
+            self.state, self.message, self.finished = state, message, time.time()
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectItem:
+    """Bring blocks of one object (all of it, or a byte range)."""
+
+    bucket: str
+    key: str
+    size: int | None = None
+    byte_range: tuple[int, int] | None = None  # [start, end)
+    job: Job | None = None
+    entry: Entry | None = None  # read-ahead: the entry is known
+
+
+class Manifest:
+    """The ordered reads of the coming epoch, and where the client is in it."""
+
+    __slots__ = ("bucket", "items", "positions", "position", "queued")
+
+    def __init__(self, bucket: str, items: list[tuple[str, tuple[int, int] | None]]) -> None:
+        self.bucket = bucket
+        self.items = items
+        self.positions: dict[str, list[int]] = {}
+        for index, (key, _) in enumerate(items):
+            self.positions.setdefault(key, []).append(index)
+        self.position = -1  # the last item the client was seen reading
+        self.queued = 0  # items handed to the queue so far
+
+    def observe(self, key: str) -> None:
+        for index in self.positions.get(key, ()):
+            if index > self.position:
+                self.position = index
+                return
+
+    def next_use(self, key: str) -> int | None:
+        """How many items ahead the key is needed next (None: not again)."""
+        for index in self.positions.get(key, ()):
+            if index > self.position:
+                return index - self.position
+        return None
+
+
+class Prefetcher:
+    def __init__(
+        self, settings: Settings, store: CacheStore, filler: Filler, upstream: Upstream
+    ) -> None:
+        self._store = store
+        self._filler = filler
+        self._upstream = upstream
+        self._block_size = settings.block_size
+        self._readahead_max = max(1, settings.readahead_max // settings.block_size)
+        self._lead = settings.manifest_lead
+        self._workers_count = settings.prefetch_concurrency
+        self._queue: asyncio.PriorityQueue[tuple[int, int, ObjectItem]] = asyncio.PriorityQueue()
+        self._order = itertools.count()
+        self._workers: list[asyncio.Task[None]] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.jobs: dict[str, Job] = {}
+        self.manifests: dict[str, Manifest] = {}
+        # Usable room for warm jobs: a job stops before it would evict its own data.
+        self._warm_room = int(settings.cache_size * settings.cache_low_watermark)
+        store.eviction_rank = self._eviction_rank
+
+    async def start(self) -> None:
+        self._workers = [asyncio.create_task(self._work()) for _ in range(self._workers_count)]
+
+    async def close(self) -> None:
+        for task in [*self._workers, *self._tasks]:
+            task.cancel()
+        await asyncio.gather(*self._workers, *self._tasks, return_exceptions=True)
+
+    # --- what clients read -------------------------------------------------------
+
+    def observe_read(self, entry: Entry, start: int, end: int) -> None:
+        """A client read bytes [start, end) of an entry: account prefetched blocks it
+        uses, grow or reset its read-ahead window, advance a manifest."""
+        now = time.monotonic()
+        for block in range(entry.block_of(start), entry.block_of(end - 1) + 1):
+            landed = entry.prefetched.pop(block, None)
+            if landed is not None:
+                PREFETCH_USEFUL_BYTES.inc(entry.block_length(block))
+                PREFETCH_LEAD.observe(now - landed)
+        self._read_ahead(entry, start, end)
+        manifest = self.manifests.get(entry.bucket)
+        if manifest is not None:
+            manifest.observe(entry.key)
+            self._feed_manifest(manifest)
+
+    def _read_ahead(self, entry: Entry, start: int, end: int) -> None:
+        sequential = entry.next_offset >= 0 and abs(start - entry.next_offset) < self._block_size
+        if sequential:
+            entry.window = min(max(2, entry.window * 2), self._readahead_max)
+        else:
+            entry.window = 0
+        entry.next_offset = end
+        if not entry.window or end >= entry.size:
+            return
+        first = entry.block_of(end)
+        last = min(entry.block_count - 1, first + entry.window - 1)
+        wanted = [b for b in range(first, last + 1) if b not in entry.blocks]
+        wanted = [b for b in wanted if b not in entry.fetches]
+        if wanted:
+            span = (entry.block_range(wanted[0])[0], entry.block_range(wanted[-1])[1])
+            self._put(
+                Priority.READ_AHEAD,
+                ObjectItem(entry.bucket, entry.key, entry.size, span, entry=entry),
+            )
+
+    # --- warm jobs ---------------------------------------------------------------
+
+    def warm(self, bucket: str, prefix: str | None, keys: list[str] | None) -> Job:
+        what = f"s3://{bucket}/{prefix}" if prefix is not None else f"{len(keys or [])} keys"
+        job = Job(id=uuid.uuid4().hex[:12], bucket=bucket, description=what)
+        self.jobs[job.id] = job
+        self._spawn(self._run_warm(job, prefix, keys))
+        return job
+
+    def cancel(self, job_id: str) -> Job | None:
+        job = self.jobs.get(job_id)
+        if job is not None:
+            job.finish(JobState.CANCELLED, "cancelled")
+        return job
+
+    async def _run_warm(self, job: Job, prefix: str | None, keys: list[str] | None) -> None:
+        try:
+            listed = (
+                await self._upstream.list_objects(job.bucket, prefix)
+                if prefix is not None
+                else [(key, None) for key in keys or []]
+            )
+        except Exception as exc:
+            job.finish(JobState.FAILED, f"cannot list: {exc}")
+            return
+        if job.finished:
+            return
+        job.objects_total = len(listed)
+        job.bytes_total = sum(size or 0 for _, size in listed)
+        job.state = JobState.RUNNING
+        room = self._warm_room
+        for key, size in listed:
+            if (size or 0) > room:
+                job.stop_after_queued = (
+                    f"the objects ({job.bytes_total:,} bytes) are more than the cache can hold "
+                    f"({self._warm_room:,} bytes): stopped after the first {job.pending} objects"
+                )
+                break
+            room -= size or 0
+            job.pending += 1
+            self._put(Priority.WARM, ObjectItem(job.bucket, key, size, job=job))
+        if job.pending == 0:
+            job.finish(
+                JobState.STOPPED if job.stop_after_queued else JobState.DONE,
+                job.stop_after_queued or "nothing to fetch",
+            )
+
+    # --- manifests ---------------------------------------------------------------
+
+    def submit_manifest(
+        self, bucket: str, items: list[tuple[str, tuple[int, int] | None]]
+    ) -> Manifest:
+        """Replace the bucket's manifest with a new epoch's order."""
+        manifest = Manifest(bucket, items)
+        self.manifests[bucket] = manifest
+        self._feed_manifest(manifest)
+        return manifest
+
+    def _feed_manifest(self, manifest: Manifest) -> None:
+        """Queue manifest items up to ``manifest_lead`` bytes ahead of the client."""
+        ahead = 0
+        index = manifest.position + 1
+        while index < len(manifest.items) and ahead < self._lead:
+            key, byte_range = manifest.items[index]
+            entry = self._store.peek(manifest.bucket, key)
+            size = entry.size if entry is not None else self._block_size
+            if byte_range is not None:
+                size = byte_range[1] - byte_range[0]
+            ahead += size
+            if index >= manifest.queued:
+                self._put(Priority.MANIFEST, ObjectItem(manifest.bucket, key, None, byte_range))
+                manifest.queued = index + 1
+            index += 1
+
+    def _eviction_rank(self, bucket: str, key: str) -> float:
+        """Eviction order hint: lower goes first. Without a manifest, 0 for all (plain
+        LRU); with one, objects not needed again this epoch first, then those needed
+        furthest ahead."""
+        manifest = self.manifests.get(bucket)
+        if manifest is None:
+            return 0.0
+        distance = manifest.next_use(key)
+        return 0.0 if distance is None else 1.0 / distance
+
+    # --- the queue ---------------------------------------------------------------
+
+    def _put(self, priority: Priority, item: ObjectItem) -> None:
+        self._queue.put_nowait((priority, next(self._order), item))
+        PREFETCH_QUEUE_DEPTH.set(self._queue.qsize())
+
+    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _work(self) -> None:
+        while True:
+            _, _, item = await self._queue.get()
+            PREFETCH_QUEUE_DEPTH.set(self._queue.qsize())
+            try:
+                fetched = await self._bring(item)
+            except Exception:
+                log.exception("prefetch of s3://%s/%s failed", item.bucket, item.key)
+                fetched = 0
+            if item.job is not None:
+                self._job_item_done(item.job, fetched)
+
+    def _job_item_done(self, job: Job, fetched: int) -> None:
+        job.pending -= 1
+        job.objects_done += 1
+        job.bytes_done += fetched
+        if job.pending == 0 and job.state is JobState.RUNNING:
+            if job.stop_after_queued:
+                job.finish(JobState.STOPPED, job.stop_after_queued)
+            else:
+                job.finish(JobState.DONE)
+
+    async def _bring(self, item: ObjectItem) -> int:
+        """Fetch the item's missing blocks, one after the other; returns the bytes the
+        object's blocks in range hold once done."""
+        if item.job is not None and item.job.finished:
+            return 0
+        entry = item.entry or await self._entry(item)
+        if entry is None:
+            return 0
+        start, end = item.byte_range or (0, entry.size)
+        if end <= start:
+            return 0
+        self._store.pin(entry)
+        try:
+            for block in range(entry.block_of(start), entry.block_of(end - 1) + 1):
+                if item.job is not None and item.job.finished:
+                    break
+                with contextlib.suppress(CacheFull):
+                    fetch = self._filler.fetch(entry, block, prefetch=True)
+                    if fetch is not None:
+                        await fetch.wait_past(fetch.end - 1)
+            return sum(
+                entry.block_length(b) for b in _blocks(entry, start, end) if b in entry.blocks
+            )
+        finally:
+            self._store.unpin(entry)
+
+    async def _entry(self, item: ObjectItem) -> Entry | None:
+        entry = self._store.peek(item.bucket, item.key)
+        if entry is not None and not entry.dropped:
+            return entry
+        first = (item.byte_range[0] if item.byte_range else 0) // self._block_size
+        opened = await self._filler.open(item.bucket, item.key, first)
+        if opened.response is not None:
+            opened.response.release()
+        return opened.entry
+
+
+def _blocks(entry: Entry, start: int, end: int) -> Iterable[int]:
+    return range(entry.block_of(start), entry.block_of(end - 1) + 1)

@@ -1,0 +1,168 @@
+"""Admin endpoints under ``/_s3cache/`` (no bucket can have that name).
+
+GET  healthz            alive
+GET  readyz             upstream reachable, cache dirs writable, index open
+GET  stats              the cache at a glance (JSON)
+GET  metrics            Prometheus text format
+POST verify             check every block's hash now
+POST prefetch           start a warm job: {"bucket", "prefix"} or {"bucket", "keys"}
+GET  jobs               warm jobs and their progress
+GET  jobs/ID            one job
+DELETE jobs/ID          cancel it
+POST manifest           an epoch's read order: {"bucket", "keys": [key | [key, start, end]]}
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+from aiohttp import web
+
+from s3cache.errors import InvalidArgument, MethodNotAllowed, NoSuchKey
+from s3cache.metrics import (
+    CACHE_EVICTED_BYTES,
+    CACHE_EVICTIONS,
+    CACHE_READS,
+    FILLS_IN_FLIGHT,
+    PREFETCH_USEFUL_BYTES,
+    PREFETCH_WASTED_BYTES,
+    PREFETCHED_BYTES,
+    SERVED_BYTES,
+    UPSTREAM_BLOCK_FETCHES,
+    ByteSource,
+    CacheOutcome,
+    exposition,
+    sample,
+)
+from s3cache.s3.addressing import validate_bucket
+from s3cache.server.keys import PREFETCHER, STORE, UPSTREAM
+
+ADMIN_PREFIX = "/_s3cache/"
+MAX_ADMIN_BODY = 64 * 1024 * 1024  # a manifest of a few hundred thousand keys
+
+
+async def handle_admin(request: web.Request, name: str) -> web.StreamResponse:
+    app = request.app
+    method = request.method
+    if name.startswith("jobs/"):
+        return _job(request, name.removeprefix("jobs/"))
+    route = (method if method != "HEAD" else "GET", name)
+    if route == ("GET", "healthz"):
+        return web.Response(text="ok\n")
+    if route == ("GET", "readyz"):
+        problems = await readiness_problems(app)
+        return web.json_response(
+            {"ready": not problems, "problems": problems}, status=503 if problems else 200
+        )
+    if route == ("GET", "stats"):
+        return web.json_response(stats(app))
+    if route == ("GET", "metrics"):
+        body = await asyncio.get_running_loop().run_in_executor(None, exposition)
+        return web.Response(body=body, content_type="text/plain", charset="utf-8")
+    if route == ("POST", "verify"):
+        return web.json_response(await app[STORE].verify_all())
+    if route == ("POST", "prefetch"):
+        return await _start_warm(request)
+    if route == ("GET", "jobs"):
+        return web.json_response([job.as_dict() for job in app[PREFETCHER].jobs.values()])
+    if route == ("POST", "manifest"):
+        return await _submit_manifest(request)
+    raise NoSuchKey("No such s3cache admin endpoint.", resource=request.path)
+
+
+async def _json_body(request: web.Request) -> dict[str, Any]:
+    if request.content_length is not None and request.content_length > MAX_ADMIN_BODY:
+        raise InvalidArgument("request body too large")
+    try:
+        body = json.loads(await request.content.read(MAX_ADMIN_BODY + 1))
+    except ValueError as exc:
+        raise InvalidArgument(f"the body is not JSON: {exc}") from exc
+    if not isinstance(body, dict) or not isinstance(body.get("bucket"), str):
+        raise InvalidArgument('expected a JSON object with a "bucket"')
+    validate_bucket(body["bucket"])
+    return body
+
+
+async def _start_warm(request: web.Request) -> web.StreamResponse:
+    body = await _json_body(request)
+    prefix, keys = body.get("prefix"), body.get("keys")
+    if (prefix is None) == (keys is None):
+        raise InvalidArgument('give either "prefix" or "keys"')
+    if prefix is not None and not isinstance(prefix, str):
+        raise InvalidArgument('"prefix" must be a string')
+    if keys is not None and not (isinstance(keys, list) and all(isinstance(k, str) for k in keys)):
+        raise InvalidArgument('"keys" must be a list of strings')
+    job = request.app[PREFETCHER].warm(body["bucket"], prefix, keys)
+    return web.json_response(job.as_dict(), status=202)
+
+
+def _job(request: web.Request, job_id: str) -> web.StreamResponse:
+    prefetcher = request.app[PREFETCHER]
+    if request.method in ("GET", "HEAD"):
+        job = prefetcher.jobs.get(job_id)
+    elif request.method == "DELETE":
+        job = prefetcher.cancel(job_id)
+    else:
+        raise MethodNotAllowed("GET or DELETE a job", resource=request.path)
+    if job is None:
+        raise NoSuchKey("No such job.", resource=request.path)
+    return web.json_response(job.as_dict())
+
+
+async def _submit_manifest(request: web.Request) -> web.StreamResponse:
+    body = await _json_body(request)
+    items: list[tuple[str, tuple[int, int] | None]] = []
+    for item in body.get("keys", []):
+        if isinstance(item, str):
+            items.append((item, None))
+        elif (
+            isinstance(item, list)
+            and len(item) == 3
+            and isinstance(item[0], str)
+            and all(isinstance(n, int) and n >= 0 for n in item[1:])
+            and item[1] < item[2]
+        ):
+            items.append((item[0], (item[1], item[2])))
+        else:
+            raise InvalidArgument('"keys" items are KEY or [KEY, START, END) byte ranges')
+    manifest = request.app[PREFETCHER].submit_manifest(body["bucket"], items)
+    return web.json_response({"bucket": manifest.bucket, "items": len(manifest.items)})
+
+
+async def readiness_problems(app: web.Application) -> dict[str, str]:
+    """Ready: the upstream answers, every cache dir takes writes, the index is open."""
+    problems = await app[STORE].check()
+    unreachable = await app[UPSTREAM].probe()
+    if unreachable:
+        problems["upstream"] = unreachable
+    return problems
+
+
+def stats(app: web.Application) -> dict[str, object]:
+    """The cache at a glance, as JSON."""
+    store = app[STORE]
+    reads = {outcome.value: sample(CACHE_READS, outcome=outcome.value) for outcome in CacheOutcome}
+    served = {source.value: sample(SERVED_BYTES, source=source.value) for source in ByteSource}
+    served_total = sum(served.values())
+    return {
+        "capacity_bytes": store.capacity,
+        "used_bytes": store.used,
+        "entries": store.entries,
+        "entries_in_memory": store.entries_in_view(),
+        "degraded": store.degraded,
+        "reads": reads,
+        "served_bytes": served,
+        "byte_hit_ratio": served["cache"] / served_total if served_total else None,
+        "upstream_block_fetches": sample(UPSTREAM_BLOCK_FETCHES),
+        "fills_in_flight": sample(FILLS_IN_FLIGHT),
+        "evictions": sample(CACHE_EVICTIONS),
+        "evicted_bytes": sample(CACHE_EVICTED_BYTES),
+        "prefetch": {
+            "bytes": sample(PREFETCHED_BYTES),
+            "useful_bytes": sample(PREFETCH_USEFUL_BYTES),
+            "wasted_bytes": sample(PREFETCH_WASTED_BYTES),
+            "jobs_running": sum(1 for job in app[PREFETCHER].jobs.values() if job.finished is None),
+        },
+    }

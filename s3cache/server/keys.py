@@ -1,0 +1,19 @@
+"""The application's components, as typed keys of the aiohttp application."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from s3cache.config import LiveSettings
+from s3cache.fill import Filler
+from s3cache.prefetch import Prefetcher
+from s3cache.reader import Reader
+from s3cache.store.cache import CacheStore
+from s3cache.upstream import Upstream
+
+LIVE_SETTINGS = web.AppKey("live_settings", LiveSettings)
+UPSTREAM = web.AppKey("upstream", Upstream)
+STORE = web.AppKey("store", CacheStore)
+FILLER = web.AppKey("filler", Filler)
+PREFETCHER = web.AppKey("prefetcher", Prefetcher)
+READER = web.AppKey("reader", Reader)
