@@ -8,13 +8,19 @@ import logging
 import logging.handlers
 import queue
 import sys
+import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
 
 import uvloop
 
 from s3cache import __version__
 from s3cache.config import ConfigError, Settings, add_arguments, load_settings
+
+PROGRESS_SECONDS = 0.5
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,11 +36,26 @@ def main(argv: list[str] | None = None) -> int:
     demo_parser.add_argument("--object-size", default="1MiB", help="size of each object")
     stats_parser = commands.add_parser("stats", help="print a running s3cache's statistics")
     stats_parser.add_argument("--endpoint", default="http://127.0.0.1:8080", help="its URL")
+    warm_parser = commands.add_parser(
+        "warm", help="bring objects into a running s3cache before they are read"
+    )
+    warm_parser.add_argument("target", nargs="?", help="s3://BUCKET/PREFIX")
+    warm_parser.add_argument("--from-file", type=Path, help="a file of keys, one per line")
+    warm_parser.add_argument("--bucket", help="the bucket of --from-file's keys")
+    warm_parser.add_argument("--endpoint", default="http://127.0.0.1:8080", help="its URL")
+    warm_parser.add_argument("--no-wait", action="store_true", help="start the job and return")
+    jobs_parser = commands.add_parser("jobs", help="list warm jobs, or cancel one")
+    jobs_parser.add_argument("--endpoint", default="http://127.0.0.1:8080", help="its URL")
+    jobs_parser.add_argument("--cancel", metavar="ID", help="cancel this job")
     verify_parser = commands.add_parser(
         "verify", help="check every cached block against its hash; drop damaged ones"
     )
     verify_parser.add_argument("--endpoint", default="http://127.0.0.1:8080", help="its URL")
     args = parser.parse_args(argv)
+    if args.command == "warm":
+        return warm(args)
+    if args.command == "jobs":
+        return jobs(args.endpoint, args.cancel)
     if args.command == "stats":
         return _print_table(_admin(args.endpoint, "stats"))
     if args.command == "verify":
@@ -78,17 +99,94 @@ def _log_off_the_loop(level: str) -> logging.handlers.QueueListener:
     return listener
 
 
-def _admin(endpoint: str, name: str, method: str = "GET") -> dict[str, object] | None:
+def _admin(endpoint: str, name: str, method: str = "GET", body: object = None) -> Any:
     """A JSON admin endpoint of a running s3cache; None (after saying why) if it fails."""
     url = f"{endpoint.rstrip('/')}/_s3cache/{name}"
+    data = json.dumps(body).encode() if body is not None else None
     try:
-        request = urllib.request.Request(url, method=method)
+        request = urllib.request.Request(url, data=data, method=method)
         with urllib.request.urlopen(request, timeout=3600) as answer:
-            data: dict[str, object] = json.load(answer)
-            return data
+            return json.load(answer)
+    except urllib.error.HTTPError as exc:
+        print(
+            f"s3cache: {method} {url}: {exc.code} {exc.read().decode(errors='replace')}",
+            file=sys.stderr,
+        )
     except (OSError, ValueError) as exc:
         print(f"s3cache: {method} {url} failed: {exc}", file=sys.stderr)
-        return None
+    return None
+
+
+def warm(args: argparse.Namespace) -> int:
+    """Start a warm job and follow it with a progress line until it ends."""
+    if args.from_file is not None:
+        if not args.bucket:
+            print("s3cache: --from-file needs --bucket", file=sys.stderr)
+            return 2
+        keys = [line.strip() for line in args.from_file.read_text().splitlines() if line.strip()]
+        request: dict[str, object] = {"bucket": args.bucket, "keys": keys}
+    elif args.target and args.target.startswith("s3://"):
+        bucket, _, prefix = args.target.removeprefix("s3://").partition("/")
+        request = {"bucket": bucket, "prefix": prefix}
+    else:
+        print("s3cache: give s3://BUCKET/PREFIX or --from-file KEYS --bucket B", file=sys.stderr)
+        return 2
+    job = _admin(args.endpoint, "prefetch", "POST", request)
+    if job is None:
+        return 1
+    if args.no_wait:
+        print(job["id"])
+        return 0
+    while job["state"] in ("listing", "running"):
+        _progress(job)
+        time.sleep(PROGRESS_SECONDS)
+        job = _admin(args.endpoint, f"jobs/{job['id']}") or job
+    _progress(job)
+    print(file=sys.stderr)
+    print(
+        f"{job['state']}: {job['objects_done']:,}/{job['objects_total']:,} objects, "
+        f"{_size(job['bytes_done'])} in cache{'; ' + job['message'] if job['message'] else ''}"
+    )
+    return 0 if job["state"] == "done" else 1
+
+
+def _progress(job: dict[str, Any]) -> None:
+    total = max(job["bytes_total"], 1)
+    done = job["bytes_done"]
+    width = 30
+    filled = int(width * min(done / total, 1.0))
+    eta = job.get("eta_seconds")
+    print(
+        f"\r[{'#' * filled}{'.' * (width - filled)}] {job['objects_done']:,}/"
+        f"{job['objects_total']:,} objects  {_size(done)}/{_size(job['bytes_total'])}  "
+        f"{_size(job['bytes_per_second'])}/s  ETA {f'{eta:.0f}s' if eta is not None else '-'}  ",
+        end="",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+def _size(nbytes: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(nbytes) < 1024 or unit == "TiB":
+            return f"{nbytes:.1f} {unit}" if unit != "B" else f"{nbytes:.0f} B"
+        nbytes /= 1024
+    return f"{nbytes} B"
+
+
+def jobs(endpoint: str, cancel: str | None) -> int:
+    if cancel:
+        job = _admin(endpoint, f"jobs/{cancel}", "DELETE")
+        return _print_table(job)
+    listed = _admin(endpoint, "jobs")
+    if listed is None:
+        return 1
+    print(f"{'ID':<12}  {'STATE':<9}  {'OBJECTS':>15}  {'BYTES':>23}  WHAT")
+    for job in listed:
+        objects = f"{job['objects_done']:,}/{job['objects_total']:,}"
+        nbytes = f"{_size(job['bytes_done'])}/{_size(job['bytes_total'])}"
+        print(f"{job['id']:<12}  {job['state']:<9}  {objects:>15}  {nbytes:>23}  {job['what']}")
+    return 0
 
 
 def _print_table(stats: dict[str, object] | None) -> int:

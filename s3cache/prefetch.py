@@ -114,12 +114,16 @@ class Manifest:
 
     def __init__(self, bucket: str, items: list[tuple[str, tuple[int, int] | None]]) -> None:
         self.bucket = bucket
-        self.items = items
+        self.items: list[tuple[str, tuple[int, int] | None]] = []
         self.positions: dict[str, list[int]] = {}
-        for index, (key, _) in enumerate(items):
-            self.positions.setdefault(key, []).append(index)
         self.position = -1  # the last item the client was seen reading
         self.queued = 0  # items handed to the queue so far
+        self.extend(items)
+
+    def extend(self, items: list[tuple[str, tuple[int, int] | None]]) -> None:
+        for key, byte_range in items:
+            self.positions.setdefault(key, []).append(len(self.items))
+            self.items.append((key, byte_range))
 
     def observe(self, key: str) -> None:
         for index in self.positions.get(key, ()):
@@ -144,7 +148,11 @@ class Prefetcher:
         self._upstream = upstream
         self._block_size = settings.block_size
         self._readahead_max = max(1, settings.readahead_max // settings.block_size)
-        self._lead = settings.manifest_lead
+        # Never more than half of what the cache holds: the other half keeps what the
+        # manifest needs soonest.
+        self._lead = min(
+            settings.manifest_lead, int(settings.cache_size * settings.cache_low_watermark / 2)
+        )
         self._workers_count = settings.prefetch_concurrency
         self._queue: asyncio.PriorityQueue[tuple[int, int, ObjectItem]] = asyncio.PriorityQueue()
         self._order = itertools.count()
@@ -251,11 +259,18 @@ class Prefetcher:
     # --- manifests ---------------------------------------------------------------
 
     def submit_manifest(
-        self, bucket: str, items: list[tuple[str, tuple[int, int] | None]]
+        self, bucket: str, items: list[tuple[str, tuple[int, int] | None]], *, append: bool
     ) -> Manifest:
-        """Replace the bucket's manifest with a new epoch's order."""
-        manifest = Manifest(bucket, items)
-        self.manifests[bucket] = manifest
+        """Replace the bucket's manifest with a new epoch's order, or append the next
+        epoch's order to it (so that the end of this epoch prefetches the next one's
+        start)."""
+        current = self.manifests.get(bucket)
+        if append and current is not None:
+            manifest = current
+            manifest.extend(items)
+        else:
+            manifest = Manifest(bucket, items)
+            self.manifests[bucket] = manifest
         self._feed_manifest(manifest)
         return manifest
 

@@ -95,6 +95,7 @@ class S3CacheProcess:
         return env
 
     def start(self, timeout: float = 30.0) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
         self._log = self.log_path.open("ab")
         self._process = subprocess.Popen(
             self.command(),

@@ -127,8 +127,11 @@ async def _submit_manifest(request: web.Request) -> web.StreamResponse:
             items.append((item[0], (item[1], item[2])))
         else:
             raise InvalidArgument('"keys" items are KEY or [KEY, START, END) byte ranges')
-    manifest = request.app[PREFETCHER].submit_manifest(body["bucket"], items)
-    return web.json_response({"bucket": manifest.bucket, "items": len(manifest.items)})
+    append = body.get("append", False)
+    if not isinstance(append, bool):
+        raise InvalidArgument('"append" must be true or false')
+    manifest = request.app[PREFETCHER].submit_manifest(body["bucket"], items, append=append)
+    return web.json_response({"bucket": manifest.bucket, "items": len(items)})
 
 
 async def readiness_problems(app: web.Application) -> dict[str, str]:

@@ -1,0 +1,157 @@
+"""Prefetch: sequential read-ahead, warm jobs, epoch manifests."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from s3cache.epoch import submit_epoch
+from s3cache.sandbox.seaweed import SeaweedS3
+from tests.cached_proxy import BLOCK, Cached, get, put, running_cache
+
+
+def s3cache_cli(cached: Cached, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "s3cache", *args, "--endpoint", cached.proxy.endpoint_url],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_sequential_ranged_reads_earn_read_ahead(
+    tmp_path: Path, upstream: SeaweedS3, bucket: str
+) -> None:
+    with running_cache(tmp_path, upstream) as cached:
+        body = put(cached, bucket, "seq", 24 * BLOCK)
+        for block in range(24):  # one block per request, in order, like a streaming reader
+            start = block * BLOCK
+            part = get(cached.client, bucket, "seq", Range=f"bytes={start}-{start + BLOCK - 1}")
+            assert part == body[start : start + BLOCK]
+            time.sleep(0.02)
+        cached.settle()
+        stats = cached.stats()
+        assert stats["prefetch"]["bytes"] > 0
+        assert stats["prefetch"]["useful_bytes"] > 8 * BLOCK
+        assert stats["reads"]["hit"] >= 8  # blocks were there before the reader asked
+        blocks = [first // BLOCK for first, _ in cached.fetched_ranges()]
+        assert sorted(blocks) == list(range(24))  # each block fetched once
+
+
+def test_random_reads_get_no_read_ahead(tmp_path: Path, upstream: SeaweedS3, bucket: str) -> None:
+    with running_cache(tmp_path, upstream) as cached:
+        body = put(cached, bucket, "rnd", 24 * BLOCK)
+        order = [17, 3, 11, 20, 6, 0, 14, 9]
+        for block in order:
+            start = block * BLOCK
+            assert (
+                get(cached.client, bucket, "rnd", Range=f"bytes={start}-{start + 99}")
+                == (body[start : start + 100])
+            )
+        blocks = [first // BLOCK for first, _ in cached.fetched_ranges()]
+        assert sorted(blocks) == sorted(order)
+        assert cached.stats()["prefetch"]["bytes"] == 0
+
+
+def test_warm_job_then_reads_are_hits(tmp_path: Path, upstream: SeaweedS3, bucket: str) -> None:
+    with running_cache(tmp_path, upstream) as cached:
+        bodies = {
+            f"train/{i:02d}": put(cached, bucket, f"train/{i:02d}", i * 50_000 + BLOCK)
+            for i in range(8)
+        }
+        put(cached, bucket, "other/x", 1000)
+        result = s3cache_cli(cached, "warm", f"s3://{bucket}/train/")
+        assert result.returncode == 0, result.stderr
+        assert "done: 8/8 objects" in result.stdout
+        assert "ETA" in result.stderr  # the progress line
+        cached.settle()
+        cached.relay.reset()
+        for key, body in bodies.items():
+            assert get(cached.client, bucket, key) == body
+        assert cached.relay.records() == []  # all in the cache already
+        listed = s3cache_cli(cached, "jobs")
+        assert f"s3://{bucket}/train/" in listed.stdout
+        assert "done" in listed.stdout
+
+
+def test_warm_from_file(tmp_path: Path, upstream: SeaweedS3, bucket: str) -> None:
+    with running_cache(tmp_path, upstream) as cached:
+        keys = [f"k{i}" for i in range(3)]
+        for key in keys:
+            put(cached, bucket, key, BLOCK + 5)
+        listing = tmp_path / "keys.txt"
+        listing.write_text("\n".join(keys) + "\n")
+        result = s3cache_cli(cached, "warm", "--from-file", str(listing), "--bucket", bucket)
+        assert result.returncode == 0, result.stderr
+        assert "done: 3/3 objects" in result.stdout
+
+
+def test_warm_job_larger_than_the_cache_stops_and_says_so(
+    tmp_path: Path, upstream: SeaweedS3, bucket: str
+) -> None:
+    with running_cache(tmp_path, upstream, cache_size="2MiB") as cached:
+        for i in range(10):
+            put(cached, bucket, f"big/{i}", 2 * BLOCK)  # 5 MiB in all
+        result = s3cache_cli(cached, "warm", f"s3://{bucket}/big/")
+        assert result.returncode == 1
+        assert "stopped" in result.stdout
+        assert "more than the cache can hold" in result.stdout
+        cached.settle()
+        assert cached.stats()["evictions"] == 0  # it never evicted its own data
+
+
+def test_cancel_a_warm_job(tmp_path: Path, upstream: SeaweedS3, bucket: str) -> None:
+    with running_cache(tmp_path, upstream) as cached:
+        for i in range(6):
+            put(cached, bucket, f"slow/{i}", 4 * BLOCK)
+        cached.relay.bandwidth = 200_000
+        started = s3cache_cli(cached, "warm", f"s3://{bucket}/slow/", "--no-wait")
+        job_id = started.stdout.strip()
+        cancelled = s3cache_cli(cached, "jobs", "--cancel", job_id)
+        assert cancelled.returncode == 0
+        assert "cancelled" in cancelled.stdout
+        cached.relay.bandwidth = None
+
+
+def test_epoch_manifest_beats_lru_when_the_dataset_is_twice_the_cache(
+    tmp_path: Path, upstream: SeaweedS3, bucket: str
+) -> None:
+    """12 objects of 512 KiB, a 3 MiB cache: reading them in the same order every epoch,
+    LRU always evicts the object needed next (no hits); with the epoch's order given,
+    s3cache prefetches ahead and keeps what is needed soonest."""
+    keys = [f"ds/{i:02d}" for i in range(12)]
+
+    def epoch(cached: Cached) -> float:
+        before = cached.stats()["reads"]
+        for key in keys:
+            get(cached.client, bucket, key)
+            time.sleep(0.05)  # the training step
+        after = cached.stats()["reads"]
+        hits = after["hit"] - before["hit"]
+        total = sum(after.values()) - sum(before.values())
+        return float(hits / total)
+
+    with running_cache(tmp_path / "lru", upstream, cache_size="3MiB") as cached:
+        for key in keys:
+            put(cached, bucket, key, 2 * BLOCK)
+        epoch(cached)
+        lru = epoch(cached)
+    with running_cache(
+        tmp_path / "manifest",
+        upstream,
+        cache_size="3MiB",
+    ) as cached:
+        submit_epoch(cached.proxy.endpoint_url, bucket, keys)
+        submit_epoch(cached.proxy.endpoint_url, bucket, keys, append=True)  # the next one
+        epoch(cached)
+        with_manifest = epoch(cached)
+        stats = cached.stats()
+    assert lru < 0.2
+    assert with_manifest >= 0.6, (
+        with_manifest,
+        json.dumps(stats["reads"]),
+        json.dumps(stats["prefetch"]),
+    )
