@@ -248,6 +248,11 @@ class Settings:
         "the longest matching prefix wins",
         repeat=True,
     )
+    list_cache_ttl: float = _setting(
+        10.0,
+        parse_duration,
+        "how long a bucket listing is answered from memory (0: listings always go upstream)",
+    )
     scrub_rate: int = _setting(
         32 * 1024**2,
         parse_size,

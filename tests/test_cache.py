@@ -398,3 +398,28 @@ def test_missing_object_is_404_and_not_cached(cached: Cached, bucket: str) -> No
         with pytest.raises(ClientError) as excinfo:
             get(cached.client, bucket, f"missing-{uuid.uuid4().hex}")
         assert excinfo.value.response["Error"]["Code"] == "NoSuchKey"
+
+
+def test_listings_are_cached_briefly_and_invalidated_by_writes(
+    cached: Cached, bucket: str
+) -> None:
+    client = cached.client
+    client.put_object(Bucket=bucket, Key="a", Body=b"a")
+    cached.relay.reset()
+    first = client.list_objects_v2(Bucket=bucket)
+    again = client.list_objects_v2(Bucket=bucket)
+    assert [o["Key"] for o in first["Contents"]] == [o["Key"] for o in again["Contents"]] == ["a"]
+    assert cached.relay.count("GET") == 1  # the second listing came from memory
+    client.list_objects(Bucket=bucket)  # v1 is another query: its own entry
+    assert cached.relay.count("GET") == 2
+    client.put_object(Bucket=bucket, Key="b", Body=b"b")  # a write drops the bucket's listings
+    assert [o["Key"] for o in client.list_objects_v2(Bucket=bucket)["Contents"]] == ["a", "b"]
+
+
+def test_listing_cache_can_be_turned_off(
+    tmp_path: Path, upstream: SeaweedS3, bucket: str
+) -> None:
+    with running_cache(tmp_path, upstream, "--list-cache-ttl", "0") as cached:
+        for _ in range(3):
+            cached.client.list_objects_v2(Bucket=bucket)
+        assert cached.relay.count("GET") == 3

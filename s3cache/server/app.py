@@ -11,10 +11,19 @@ from aiohttp import web
 
 from s3cache.config import RELOADABLE, ConfigError, LiveSettings, Settings
 from s3cache.fill import Filler
+from s3cache.listing import ListingCache
 from s3cache.prefetch import Prefetcher
 from s3cache.reader import Reader
 from s3cache.server.handlers import handle
-from s3cache.server.keys import FILLER, LIVE_SETTINGS, PREFETCHER, READER, STORE, UPSTREAM
+from s3cache.server.keys import (
+    FILLER,
+    LISTINGS,
+    LIVE_SETTINGS,
+    PREFETCHER,
+    READER,
+    STORE,
+    UPSTREAM,
+)
 from s3cache.server.middleware import observe, on_response_prepare
 from s3cache.store.cache import CacheStore
 from s3cache.upstream import Upstream
@@ -50,6 +59,7 @@ async def _components(app: web.Application) -> AsyncIterator[None]:
     app[STORE] = store
     app[FILLER] = filler
     app[PREFETCHER] = prefetcher
+    app[LISTINGS] = ListingCache(settings.list_cache_ttl, upstream)
     app[READER] = Reader(live, store, filler, upstream, prefetcher)
     try:
         yield

@@ -17,7 +17,7 @@ from s3cache.reader import Reader
 from s3cache.s3.addressing import S3Address, resolve
 from s3cache.s3.operations import Operation, classify
 from s3cache.server.admin import ADMIN_PREFIX, handle_admin
-from s3cache.server.keys import FILLER, LIVE_SETTINGS, READER, UPSTREAM
+from s3cache.server.keys import FILLER, LISTINGS, LIVE_SETTINGS, READER, UPSTREAM
 from s3cache.server.middleware import BUCKET, OPERATION
 
 # A DeleteObjects answer lists at most 1,000 keys: a few hundred KiB at the very most.
@@ -37,6 +37,8 @@ async def handle(request: web.Request) -> web.StreamResponse:
     request[BUCKET] = address.bucket or "-"
     if Reader.cacheable(request, address):
         return await app[READER].read(request, address)
+    if request[OPERATION] is Operation.LIST and address.bucket is not None:
+        return await app[LISTINGS].list(request, address)
     if request.method in ("GET", "HEAD", "OPTIONS") or address.bucket is None:
         return await forward(request, address, app[UPSTREAM])
     return await forward_write(request, address)
@@ -58,6 +60,7 @@ async def forward_write(request: web.Request, address: S3Address) -> web.StreamR
     async with response:
         if response.status >= 300:
             return await relay_response(request, response)
+        app[LISTINGS].invalidate(address.bucket)
         if address.key is not None:
             await filler.invalidate(address.bucket, address.key)
             return await relay_response(request, response)

@@ -6,6 +6,7 @@ from aiohttp import web
 
 from s3cache.config import LiveSettings
 from s3cache.fill import Filler
+from s3cache.listing import ListingCache
 from s3cache.prefetch import Prefetcher
 from s3cache.reader import Reader
 from s3cache.store.cache import CacheStore
@@ -17,3 +18,4 @@ STORE = web.AppKey("store", CacheStore)
 FILLER = web.AppKey("filler", Filler)
 PREFETCHER = web.AppKey("prefetcher", Prefetcher)
 READER = web.AppKey("reader", Reader)
+LISTINGS = web.AppKey("listings", ListingCache)
