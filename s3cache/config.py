@@ -167,12 +167,70 @@ def _ttl_rules(text: str | Sequence[str] | Sequence[Mapping[str, str]]) -> tuple
     return tuple(rules)
 
 
+@dataclass(frozen=True, slots=True)
+class ClientKey:
+    """A key clients sign with, and what it may reach. ``repr`` hides the secret."""
+
+    access_key: str
+    secret_key: str = field(repr=False)
+    # Bucket or bucket/key patterns (fnmatch: "datasets", "datasets/imagenet/*", "*").
+    allow: tuple[str, ...] = ("*",)
+    read_only: bool = True
+
+
+def _client_keys(value: object) -> tuple[ClientKey, ...]:
+    """TOML: ``[[client_keys]]`` tables with access_key, secret_key, allow, access."""
+    if not isinstance(value, list):
+        raise ValueError("client_keys is a list of tables ([[client_keys]] in TOML)")
+    keys = []
+    for item in value:
+        if not isinstance(item, Mapping):
+            raise ValueError("each client key is a table")
+        unknown = set(item) - {"access_key", "secret_key", "allow", "access"}
+        if unknown:
+            raise ValueError(f"unknown client key fields: {', '.join(sorted(unknown))}")
+        access = item.get("access", "read-only")
+        if access not in ("read-only", "read-write"):
+            raise ValueError("access is read-only or read-write")
+        allow = item.get("allow", ["*"])
+        if isinstance(allow, str):
+            allow = [allow]
+        if not item.get("access_key") or not item.get("secret_key"):
+            raise ValueError("a client key needs access_key and secret_key")
+        keys.append(
+            ClientKey(
+                access_key=str(item["access_key"]),
+                secret_key=str(item["secret_key"]),
+                allow=tuple(str(pattern) for pattern in allow),
+                read_only=access == "read-only",
+            )
+        )
+    return tuple(keys)
+
+
+def _optional_path(text: str) -> Path | None:
+    return Path(text) if text else None
+
+
 # --- the settings object -------------------------------------------------------------
 
 
-def _setting(default: Any, parse: Callable[[Any], Any], help: str, *, repeat: bool = False) -> Any:
-    """A dataclass field carrying its parser and help text (read by the loader)."""
-    return field(default=default, metadata={"parse": parse, "help": help, "repeat": repeat})
+def _setting(
+    default: Any,
+    parse: Callable[[Any], Any],
+    help: str,
+    *,
+    repeat: bool = False,
+    secret: bool = False,
+    toml_only: bool = False,
+) -> Any:
+    """A dataclass field carrying its parser and help text (read by the loader).
+    ``secret``: hidden from repr; ``toml_only``: structured, no flag or variable."""
+    return field(
+        default=default,
+        repr=not secret,
+        metadata={"parse": parse, "help": help, "repeat": repeat, "toml_only": toml_only},
+    )
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -273,6 +331,43 @@ class Settings:
     fill_object_concurrency: int = _setting(
         8, _positive_int, "ranged upstream GETs filling one object at once"
     )
+    client_keys: tuple[ClientKey, ...] = _setting(
+        (),
+        _client_keys,
+        "keys clients sign with ([[client_keys]] tables); none: the upstream credentials",
+        toml_only=True,
+    )
+    client_keys_file: Path | None = _setting(
+        None, _optional_path, "a TOML file of [[client_keys]] (a secrets file), read at start"
+    )
+    allow_anonymous: bool = _setting(
+        False, parse_bool, "let unsigned requests read (GET/HEAD/list) with s3cache's rights"
+    )
+    admin_key: str | None = _setting(
+        None,
+        _optional_str,
+        "bearer key for admin actions (prefetch, jobs, manifest, verify); none: loopback only",
+        secret=True,
+    )
+    admin_open_metrics: bool = _setting(
+        True, parse_bool, "serve healthz, readyz, stats and metrics without the admin key"
+    )
+    admin_listen: tuple[str, int] | None = _setting(
+        None,
+        lambda text: parse_listen(text) if text else None,
+        "a separate HOST:PORT for admin endpoints (then the S3 port serves only probes)",
+    )
+    tls_cert: Path | None = _setting(None, _optional_path, "certificate file: serve HTTPS")
+    tls_key: Path | None = _setting(None, _optional_path, "private key file of tls_cert")
+    idle_timeout: float = _setting(
+        30.0, parse_duration, "close a connection idle (or sending its head) this long"
+    )
+    body_timeout: float = _setting(
+        60.0, parse_duration, "abort an upload whose body stalls this long"
+    )
+    max_header_size: int = _setting(
+        16 * 1024, parse_size, "longest request line or header field accepted"
+    )
     debug_blocking: bool = _setting(
         False,
         parse_bool,
@@ -291,6 +386,8 @@ class Settings:
             raise ConfigError("block_size: must be at least 64KiB")
         if self.cache_low_watermark > self.cache_high_watermark:
             raise ConfigError("cache_low_watermark: must not be above cache_high_watermark")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigError("tls_cert: tls_cert and tls_key go together")
 
     def ttl_for(self, bucket: str, key: str) -> float:
         """Seconds an entry of bucket/key stays fresh (``math.inf``: immutable)."""
@@ -305,7 +402,16 @@ class Settings:
 
 
 # Settings that SIGHUP reloads in a running process; the others need a restart.
-RELOADABLE = ("cache_ttl", "ttl_rules", "access_log", "log_level")
+RELOADABLE = (
+    "cache_ttl",
+    "ttl_rules",
+    "access_log",
+    "log_level",
+    "client_keys",
+    "client_keys_file",
+    "allow_anonymous",
+    "admin_key",
+)
 
 
 class LiveSettings:
@@ -351,6 +457,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add ``--config`` and one flag per setting; unset flags stay ``None``."""
     parser.add_argument("--config", type=Path, help="TOML settings file")
     for spec in dataclasses.fields(Settings):
+        if spec.metadata["toml_only"]:
+            continue
         kwargs: dict[str, Any] = {"dest": spec.name, "default": None}
         if spec.metadata["repeat"]:
             kwargs["action"] = "append"
@@ -370,12 +478,22 @@ def load_settings(
         for key, value in _read_toml(Path(config_path)).items():
             raw[key] = (f"{key} in {config_path}", value)
     for spec in dataclasses.fields(Settings):
+        if spec.metadata["toml_only"]:
+            continue
         if env_name(spec.name) in environ:
             raw[spec.name] = (env_name(spec.name), environ[env_name(spec.name)])
         flag_value = flag_values.get(spec.name)
         if flag_value is not None:
             raw[spec.name] = (flag_name(spec.name), flag_value)
-    return Settings(**_parse_all(raw))
+    values = _parse_all(raw)
+    keys_file = values.get("client_keys_file")
+    if keys_file is not None:
+        keys = _read_toml(keys_file).get("client_keys", [])
+        try:
+            values["client_keys"] = values.get("client_keys", ()) + _client_keys(keys)
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"client_keys in {keys_file}: {exc}") from exc
+    return Settings(**values)
 
 
 def _read_toml(path: Path) -> dict[str, Any]:

@@ -6,6 +6,8 @@
     ├── InvalidBucketName        400  the bucket name breaks S3's naming rules
     ├── KeyTooLongError          400  the key is longer than 1,024 bytes
     ├── IncompleteBody           400  the body ended before its declared length
+    ├── RequestTimeout           400  the body stalled past body_timeout
+    ├── XAmzContentSHA256Mismatch 400 the body does not hash to the signed payload hash
     ├── AuthorizationHeaderMalformed       400  the SigV4 Authorization header cannot be used
     ├── AuthorizationQueryParametersError  400  the SigV4 presigned-URL parameters cannot be used
     ├── AccessDenied             403
@@ -65,6 +67,16 @@ class KeyTooLongError(S3Error):
 
 class IncompleteBody(S3Error):
     code = "IncompleteBody"
+    status = 400
+
+
+class RequestTimeout(S3Error):
+    code = "RequestTimeout"
+    status = 400
+
+
+class XAmzContentSHA256Mismatch(S3Error):
+    code = "XAmzContentSHA256Mismatch"
     status = 400
 
 

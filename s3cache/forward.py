@@ -20,6 +20,8 @@ Upload bodies, by the client's ``x-amz-content-sha256``
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import logging
 from collections.abc import AsyncIterator
 
@@ -27,10 +29,11 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
-from s3cache.errors import IncompleteBody, InvalidRequest
+from s3cache.errors import IncompleteBody, InvalidRequest, RequestTimeout, XAmzContentSHA256Mismatch
 from s3cache.metrics import UpstreamKind
 from s3cache.s3.addressing import S3Address
 from s3cache.s3.chunked import AwsChunkedDecoder, AwsChunkedError
+from s3cache.s3.sigv4 import ChunkVerifier, VerifiedRequest, chunk_verifier
 from s3cache.upstream import UNSIGNED_PAYLOAD, Upstream, UpstreamBroken, iter_body
 
 log = logging.getLogger(__name__)
@@ -63,6 +66,12 @@ _SIGNED_STREAMING = (
     "STREAMING-AWS4-HMAC-SHA256-PAYLOAD-TRAILER",
 )
 _BODY_PIECE = 256 * 1024
+DEFAULT_BODY_TIMEOUT = 60.0
+
+# Set on a request by the server's authentication: who signed it and what its body
+# must satisfy (checked here, as the body streams through).
+VERIFIED = web.RequestKey("verified", VerifiedRequest)
+BODY_TIMEOUT = web.RequestKey("body_timeout", float)
 
 
 async def forward(
@@ -143,19 +152,21 @@ def _upstream_request(
         for name, value in request.headers.items()
         if name.lower() not in _NOT_FORWARDED_REQUEST
     )
+    verified = request.get(VERIFIED)
     content_sha256 = request.headers.get("x-amz-content-sha256", UNSIGNED_PAYLOAD)
     if content_sha256 in _SIGNED_STREAMING:
-        return _decoded_upload(request, headers)
+        return _decoded_upload(request, headers, verified)
     headers["X-Amz-Content-SHA256"] = content_sha256
     if not request.body_exists:
         return headers, None
     if request.content_length is not None:
         headers["Content-Length"] = str(request.content_length)
-    return headers, _request_body(request)
+    expected = verified.payload_sha256 if verified is not None else None
+    return headers, _request_body(request, expected, _body_timeout(request))
 
 
 def _decoded_upload(
-    request: web.Request, headers: CIMultiDict[str]
+    request: web.Request, headers: CIMultiDict[str], verified: VerifiedRequest | None
 ) -> tuple[CIMultiDict[str], AsyncIterator[bytes]]:
     decoded_length = headers.pop("x-amz-decoded-content-length", None)
     if decoded_length is None or not decoded_length.isdigit():
@@ -170,26 +181,72 @@ def _decoded_upload(
     headers.pop("x-amz-trailer", None)
     headers["X-Amz-Content-SHA256"] = UNSIGNED_PAYLOAD
     headers["Content-Length"] = decoded_length
-    return headers, _decode_chunked(request, int(decoded_length))
+    verifier = chunk_verifier(verified) if verified is not None else None
+    return headers, _decode_chunked(request, int(decoded_length), verifier, _body_timeout(request))
 
 
-async def _request_body(request: web.Request) -> AsyncIterator[bytes]:
-    expected = request.content_length
-    received = 0
-    while chunk := await request.content.read(_BODY_PIECE):
-        received += len(chunk)
+async def _pieces(request: web.Request, stall_limit: float) -> AsyncIterator[bytes]:
+    """The request body as it arrives; a body that stalls ``stall_limit`` seconds is a
+    RequestTimeout (a slow client cannot hold a connection forever)."""
+    while True:
+        try:
+            chunk = await asyncio.wait_for(request.content.read(_BODY_PIECE), stall_limit)
+        except TimeoutError as exc:
+            raise RequestTimeout(
+                "Your socket connection to the server was not read from or written to "
+                "within the timeout period."
+            ) from exc
+        if not chunk:
+            return
         yield chunk
-    if expected is not None and received != expected:
+
+
+async def _request_body(
+    request: web.Request, expected_sha256: str | None, stall_limit: float
+) -> AsyncIterator[bytes]:
+    """The body as it came. With a signed payload hash, the last piece is held back until
+    the whole body hashed right, so the upstream never stores a body that does not match
+    what the client signed."""
+    expected_length = request.content_length
+    received = 0
+    digest = hashlib.sha256() if expected_sha256 else None
+    held: bytes | None = None
+    async for chunk in _pieces(request, stall_limit):
+        received += len(chunk)
+        if digest is not None:
+            digest.update(chunk)
+        if held:
+            yield held
+        held = chunk
+    if expected_length is not None and received != expected_length:
         raise IncompleteBody("The request body ended before its Content-Length")
+    if digest is not None and digest.hexdigest() != expected_sha256:
+        raise XAmzContentSHA256Mismatch(
+            "The provided 'x-amz-content-sha256' header does not match what was computed."
+        )
+    if held:
+        yield held
 
 
-async def _decode_chunked(request: web.Request, decoded_length: int) -> AsyncIterator[bytes]:
-    """The decoded payload. The last piece is held back until the whole body has been
-    checked, so the upstream never receives a complete body from an invalid one."""
-    decoder = AwsChunkedDecoder()
+async def _decode_chunked(
+    request: web.Request,
+    decoded_length: int,
+    verifier: ChunkVerifier | None,
+    stall_limit: float,
+) -> AsyncIterator[bytes]:
+    """The decoded payload, each chunk's signature checked when the client signed it.
+    The last piece is held back until the whole body has been checked, so the upstream
+    never receives a complete body from an invalid one."""
+    decoder = (
+        AwsChunkedDecoder(
+            chunk_hasher_factory=verifier.new_hasher, on_chunk_end=verifier.on_chunk_end
+        )
+        if verifier is not None
+        else AwsChunkedDecoder()
+    )
     held: bytes | None = None
     try:
-        while chunk := await request.content.read(_BODY_PIECE):
+        async for chunk in _pieces(request, stall_limit):
             for piece in decoder.feed(chunk):
                 if decoder.total_decoded > decoded_length:
                     raise IncompleteBody("aws-chunked body is longer than declared")
@@ -199,7 +256,14 @@ async def _decode_chunked(request: web.Request, decoded_length: int) -> AsyncIte
         decoder.finish()
     except AwsChunkedError as exc:
         raise InvalidRequest(f"malformed aws-chunked body: {exc}") from exc
+    if verifier is not None:
+        verifier.finish(decoder.trailers)
     if decoder.total_decoded != decoded_length:
         raise IncompleteBody("aws-chunked body does not match x-amz-decoded-content-length")
     if held:
         yield held
+
+
+def _body_timeout(request: web.Request) -> float:
+    timeout: float = request.get(BODY_TIMEOUT, DEFAULT_BODY_TIMEOUT)
+    return timeout

@@ -69,6 +69,9 @@ class Upstream:
         self._settings = settings
         self._session: aiohttp.ClientSession | None = None
         self._credentials: Any = None
+        # The upstream key pair in use (refreshed credentials included): with no client
+        # keys configured, clients must sign with it.
+        self.current_credentials: Any = None
         self._endpoint = yarl.URL(
             settings.upstream_endpoint or f"https://s3.{settings.upstream_region}.amazonaws.com"
         )
@@ -86,6 +89,8 @@ class Upstream:
             raise ServiceUnavailable(f"cannot load upstream credentials: {exc}") from exc
         if self._credentials is None:
             log.warning("no upstream credentials found: requests go upstream unsigned")
+        else:
+            self.current_credentials = await self._credentials.get_frozen_credentials()
         connector = aiohttp.TCPConnector(
             limit=settings.upstream_max_connections, ssl=self._ssl_context()
         )
@@ -207,6 +212,7 @@ class Upstream:
             frozen = await self._credentials.get_frozen_credentials()
         except BotoCoreError as exc:
             raise ServiceUnavailable(f"cannot refresh upstream credentials: {exc}") from exc
+        self.current_credentials = frozen
         aws_request = AWSRequest(method=method, url=str(url), headers=request_headers)
         _VerbatimPathSigner(frozen, "s3", self._settings.upstream_region).add_auth(aws_request)
         return dict(aws_request.headers.items())

@@ -11,7 +11,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import boto3
 import pytest
+from botocore.config import Config
+from botocore.exceptions import ClientError
 
 from s3cache.sandbox.proxy import S3CacheProcess, free_port
 from s3cache.sandbox.seaweed import SeaweedS3
@@ -105,8 +108,16 @@ def test_stats_json_and_cli(s3cache: S3CacheProcess) -> None:
 
 def test_access_log_json(tmp_path: Path, upstream: SeaweedS3, bucket: str) -> None:
     with S3CacheProcess(tmp_path, upstream, extra_args=["--access-log", "json"]) as proxy:
-        status, _ = fetch(f"{proxy.endpoint_url}/{bucket}/no-such-key")
-        assert status == 404
+        client = boto3.session.Session(
+            aws_access_key_id=upstream.access_key,
+            aws_secret_access_key=upstream.secret_key,
+            region_name=upstream.region,
+        ).client(
+            "s3", endpoint_url=proxy.endpoint_url, config=Config(s3={"addressing_style": "path"})
+        )
+        with pytest.raises(ClientError):
+            client.get_object(Bucket=bucket, Key="no-such-key")
+        client.close()
     lines = [
         line.split("s3cache.access ", 1)[1]
         for line in proxy.log_path.read_text().splitlines()
@@ -118,6 +129,6 @@ def test_access_log_json(tmp_path: Path, upstream: SeaweedS3, bucket: str) -> No
     record = mine[0]
     assert record["operation"] == "get_object"
     assert record["status"] == 404
-    assert record["key_id"] == "-"
+    assert record["key_id"] == upstream.access_key
     assert set(record) >= {"request_id", "bytes", "duration_ms", "ttfb_ms", "outcome"}
     assert upstream.secret_key not in proxy.log_path.read_text()

@@ -481,13 +481,14 @@ def test_malformed_signed_streaming_body_is_a_400_and_creates_nothing(
     response = send(s3cache.port, "PUT", path, headers, body)
     time.sleep(0.3)
     created = upstream_has(upstream, bucket, "malformed")
-    assert (response.status, created) == (400, False), explain(
+    # 400 for a malformed body; 403 SignatureDoesNotMatch when the chunk signatures no
+    # longer chain from the request's (as S3 answers). Never an object.
+    assert response.status in (400, 403) and not created, explain(
         s3cache, response.status, response.body
     )
     assert response.body.startswith(b"<?xml"), response.body[:300]
 
 
-@pytest.mark.xfail(reason="s3cache does not verify client signatures yet", strict=True)
 def test_bad_chunk_signature_is_rejected(
     s3cache: S3CacheProcess, upstream: SeaweedS3, bucket: str
 ) -> None:

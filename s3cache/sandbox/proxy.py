@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import resource
 import signal
+import ssl
 import socket
 import subprocess
 import sys
@@ -49,10 +50,13 @@ class S3CacheProcess:
         upstream_endpoint: str | None = None,
         debug_blocking: bool = False,
         max_file_size: int | None = None,
+        tls_ca: Path | None = None,
     ) -> None:
         self.workdir = workdir
         self.port = free_port()
-        self.endpoint_url = f"http://127.0.0.1:{self.port}"
+        # With tls_ca, s3cache serves HTTPS with a certificate that CA file verifies.
+        self._tls = ssl.create_default_context(cafile=str(tls_ca)) if tls_ca else None
+        self.endpoint_url = f"{'https' if tls_ca else 'http'}://127.0.0.1:{self.port}"
         self.log_path = workdir / "s3cache.log"
         self._upstream = upstream
         self._upstream_endpoint = upstream_endpoint or upstream.endpoint_url
@@ -105,16 +109,22 @@ class S3CacheProcess:
             preexec_fn=self._limit_file_size if self._max_file_size else None,
         )
         deadline = time.monotonic() + timeout
+        last_error: OSError | None = None
         while time.monotonic() < deadline:
             if self._process.poll() is not None:
                 raise RuntimeError(f"s3cache exited at start-up:\n{self.log_tail()}")
             try:
-                with urllib.request.urlopen(f"{self.endpoint_url}/_s3cache/healthz", timeout=1):
+                with urllib.request.urlopen(
+                    f"{self.endpoint_url}/_s3cache/healthz", timeout=1, context=self._tls
+                ):
                     return
-            except OSError:
+            except OSError as exc:
+                last_error = exc
                 time.sleep(0.05)
         self.stop()
-        raise RuntimeError(f"s3cache did not answer within {timeout}s:\n{self.log_tail()}")
+        raise RuntimeError(
+            f"s3cache did not answer within {timeout}s ({last_error}):\n{self.log_tail()}"
+        )
 
     def _limit_file_size(self) -> None:
         limit = self._max_file_size or resource.RLIM_INFINITY

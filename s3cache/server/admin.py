@@ -20,7 +20,7 @@ from typing import Any
 
 from aiohttp import web
 
-from s3cache.errors import InvalidArgument, MethodNotAllowed, NoSuchKey
+from s3cache.errors import AccessDenied, InvalidArgument, MethodNotAllowed, NoSuchKey
 from s3cache.metrics import (
     CACHE_EVICTED_BYTES,
     CACHE_EVICTIONS,
@@ -37,15 +37,20 @@ from s3cache.metrics import (
     sample,
 )
 from s3cache.s3.addressing import validate_bucket
-from s3cache.server.keys import PREFETCHER, STORE, UPSTREAM
+from s3cache.server.keys import AUTH, LIVE_SETTINGS, PREFETCHER, STORE, UPSTREAM
 
 ADMIN_PREFIX = "/_s3cache/"
 MAX_ADMIN_BODY = 64 * 1024 * 1024  # a manifest of a few hundred thousand keys
 
 
+PROBES = frozenset({"healthz", "readyz"})  # always open: orchestrators probe them
+OBSERVING = frozenset({"stats", "metrics"})  # open unless admin_open_metrics is off
+
+
 async def handle_admin(request: web.Request, name: str) -> web.StreamResponse:
     app = request.app
     method = request.method
+    _check_access(request, name)
     if name.startswith("jobs/"):
         return _job(request, name.removeprefix("jobs/"))
     route = (method if method != "HEAD" else "GET", name)
@@ -70,6 +75,20 @@ async def handle_admin(request: web.Request, name: str) -> web.StreamResponse:
     if route == ("POST", "manifest"):
         return await _submit_manifest(request)
     raise NoSuchKey("No such s3cache admin endpoint.", resource=request.path)
+
+
+def _check_access(request: web.Request, name: str) -> None:
+    """Health probes are open, stats and metrics too unless admin_open_metrics is off;
+    the rest needs the admin key and, with a separate admin listener, must come to it."""
+    settings = request.app[LIVE_SETTINGS].current
+    if name in PROBES or (name in OBSERVING and settings.admin_open_metrics):
+        return
+    if settings.admin_listen is not None:
+        local = request.transport.get_extra_info("sockname") if request.transport else None
+        if local is None or local[1] != settings.admin_listen[1]:
+            raise NoSuchKey("No such s3cache admin endpoint.", resource=request.path)
+    if not request.app[AUTH].admin_allowed(request):
+        raise AccessDenied("Admin actions need the admin key.", resource=request.path)
 
 
 async def _json_body(request: web.Request) -> dict[str, Any]:

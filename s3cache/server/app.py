@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import ssl
 from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
@@ -14,8 +15,10 @@ from s3cache.fill import Filler
 from s3cache.listing import ListingCache
 from s3cache.prefetch import Prefetcher
 from s3cache.reader import Reader
+from s3cache.server.auth import Authenticator
 from s3cache.server.handlers import handle
 from s3cache.server.keys import (
+    AUTH,
     FILLER,
     LISTINGS,
     LIVE_SETTINGS,
@@ -32,6 +35,8 @@ log = logging.getLogger(__name__)
 
 # How long in-flight requests may take to finish after SIGTERM.
 DRAIN_SECONDS = 30.0
+# S3 clients send a dozen or two headers; a hundred is plenty.
+MAX_HEADERS = 100
 
 
 def make_app(settings: LiveSettings) -> web.Application:
@@ -60,6 +65,7 @@ async def _components(app: web.Application) -> AsyncIterator[None]:
     app[FILLER] = filler
     app[PREFETCHER] = prefetcher
     app[LISTINGS] = ListingCache(settings.list_cache_ttl, upstream)
+    app[AUTH] = Authenticator(live, upstream)
     app[READER] = Reader(live, store, filler, upstream, prefetcher)
     try:
         yield
@@ -77,12 +83,24 @@ async def serve(
     """Serve until SIGTERM/SIGINT, then stop accepting and drain in-flight requests.
     SIGHUP re-reads the settings with ``reload`` and applies the reloadable ones."""
     live = LiveSettings(settings)
-    runner = web.AppRunner(make_app(live), access_log=None, shutdown_timeout=DRAIN_SECONDS)
+    runner = web.AppRunner(
+        make_app(live),
+        access_log=None,
+        shutdown_timeout=DRAIN_SECONDS,
+        # Bodies pass through as they came: a gzip object is stored gzipped.
+        auto_decompress=False,
+        # Idle connections, and clients dribbling their request head, are closed.
+        keepalive_timeout=settings.idle_timeout,
+        max_line_size=settings.max_header_size,
+        max_field_size=settings.max_header_size,
+        max_headers=MAX_HEADERS,
+    )
     await runner.setup()
-    host, port = settings.listen
-    site = web.TCPSite(runner, host, port, reuse_address=True)
-    await site.start()
-    log.info("s3cache listening on http://%s:%d", host, port)
+    tls = _tls_context(settings)
+    for host, port in filter(None, (settings.listen, settings.admin_listen)):
+        site = web.TCPSite(runner, host, port, reuse_address=True, ssl_context=tls)
+        await site.start()
+        log.info("s3cache listening on %s://%s:%d", "https" if tls else "http", host, port)
     if settings.debug_blocking:
         # Start-up may block (reading AWS config files, opening the index); serving
         # must not.
@@ -99,6 +117,14 @@ async def serve(
     finally:
         log.info("stopping: draining in-flight requests")
         await runner.cleanup()
+
+
+def _tls_context(settings: Settings) -> ssl.SSLContext | None:
+    if settings.tls_cert is None or settings.tls_key is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(settings.tls_cert, settings.tls_key)
+    return context
 
 
 def _start_reload(

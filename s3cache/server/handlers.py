@@ -17,8 +17,8 @@ from s3cache.reader import Reader
 from s3cache.s3.addressing import S3Address, resolve
 from s3cache.s3.operations import Operation, classify
 from s3cache.server.admin import ADMIN_PREFIX, handle_admin
-from s3cache.server.keys import FILLER, LISTINGS, LIVE_SETTINGS, READER, UPSTREAM
-from s3cache.server.middleware import BUCKET, OPERATION
+from s3cache.server.keys import AUTH, FILLER, LISTINGS, LIVE_SETTINGS, READER, UPSTREAM
+from s3cache.server.middleware import BUCKET, KEY_ID, OPERATION
 
 # A DeleteObjects answer lists at most 1,000 keys: a few hundred KiB at the very most.
 MAX_DELETE_RESULT_BYTES = 4 * 1024 * 1024
@@ -35,6 +35,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
     address = resolve(request.host, request.raw_path, domains)
     request[OPERATION] = classify(request.method, address, request.headers)
     request[BUCKET] = address.bucket or "-"
+    request[KEY_ID] = app[AUTH].authorize(request, address)
     if Reader.cacheable(request, address):
         return await app[READER].read(request, address)
     if request[OPERATION] is Operation.LIST and address.bucket is not None:

@@ -9,6 +9,7 @@ from s3cache.fill import Filler
 from s3cache.listing import ListingCache
 from s3cache.prefetch import Prefetcher
 from s3cache.reader import Reader
+from s3cache.server.auth import Authenticator
 from s3cache.store.cache import CacheStore
 from s3cache.upstream import Upstream
 
@@ -19,3 +20,4 @@ FILLER = web.AppKey("filler", Filler)
 PREFETCHER = web.AppKey("prefetcher", Prefetcher)
 READER = web.AppKey("reader", Reader)
 LISTINGS = web.AppKey("listings", ListingCache)
+AUTH = web.AppKey("auth", Authenticator)

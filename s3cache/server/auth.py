@@ -1,0 +1,119 @@
+"""Who is asking, and may they? Client requests are verified with SigV4 exactly as S3
+does (``s3.sigv4``) against the configured client keys, then checked against what the
+key grants. A denied request never reaches the upstream.
+
+With no client keys configured, clients must sign with the credentials s3cache itself
+uses upstream (full access). Unsigned requests are refused unless ``allow_anonymous``,
+which lets them read (GET, HEAD, listings) with s3cache's rights.
+
+Admin actions need the admin key (``Authorization: Bearer …``), or come from the
+loopback interface when no admin key is set.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hmac
+import ipaddress
+from datetime import UTC, datetime
+
+from aiohttp import web
+
+from s3cache.config import ClientKey, LiveSettings
+from s3cache.errors import AccessDenied
+from s3cache.forward import BODY_TIMEOUT, VERIFIED
+from s3cache.s3.addressing import S3Address
+from s3cache.s3.sigv4 import is_anonymous, verify_request
+from s3cache.upstream import Upstream
+
+ANONYMOUS = "anonymous"
+_READ_METHODS = frozenset({"GET", "HEAD"})
+
+
+class Authenticator:
+    def __init__(self, settings: LiveSettings, upstream: Upstream) -> None:
+        self._settings = settings
+        self._upstream = upstream
+
+    def authorize(self, request: web.Request, address: S3Address) -> str:
+        """The access key that signed the request, once it may do what it asks;
+        raises an S3 error (403, or 400 for a malformed signature) otherwise."""
+        settings = self._settings.current
+        request[BODY_TIMEOUT] = settings.body_timeout
+        if is_anonymous(request.raw_path, request.headers.items()):
+            if settings.allow_anonymous and request.method in _READ_METHODS:
+                return ANONYMOUS
+            raise AccessDenied("Access Denied", resource=address.resource)
+        verified = verify_request(
+            request.method,
+            request.raw_path,
+            list(request.headers.items()),
+            self._secret,
+            now=datetime.now(UTC),
+        )
+        key = self._key(verified.access_key)
+        if key is None or not _granted(key, request.method, address):
+            raise AccessDenied("Access Denied", resource=address.resource)
+        request[VERIFIED] = verified
+        return verified.access_key
+
+    def _key(self, access_key: str) -> ClientKey | None:
+        configured = self._settings.current.client_keys
+        if configured:
+            return next((k for k in configured if k.access_key == access_key), None)
+        upstream = self._upstream.current_credentials
+        if upstream is None or upstream.access_key != access_key:
+            return None
+        return ClientKey(
+            access_key=upstream.access_key,
+            secret_key=upstream.secret_key,
+            allow=("*",),
+            read_only=False,
+        )
+
+    def _secret(self, access_key: str) -> str | None:
+        key = self._key(access_key)
+        return key.secret_key if key is not None else None
+
+    def admin_allowed(self, request: web.Request) -> bool:
+        """The admin key as a bearer token; with none configured, loopback peers only."""
+        admin_key = self._settings.current.admin_key
+        if admin_key is None:
+            return _is_loopback(request)
+        offered = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+        return hmac.compare_digest(offered.encode(), admin_key.encode())
+
+
+def _granted(key: ClientKey, method: str, address: S3Address) -> bool:
+    if key.read_only and method not in _READ_METHODS:
+        return False
+    if address.bucket is None:
+        return True  # ListBuckets: every key may see the bucket list
+    if address.key is None:
+        prefix = address.param("prefix") or ""
+        return any(_covers(pattern, address.bucket, prefix, listing=True) for pattern in key.allow)
+    return any(_covers(pattern, address.bucket, address.key) for pattern in key.allow)
+
+
+def _covers(pattern: str, bucket: str, key: str, *, listing: bool = False) -> bool:
+    """``*``; ``bucket`` (all of it); ``bucket/glob`` (fnmatch on bucket/key). A
+    listing is allowed under a prefix its keys would all match."""
+    if pattern == "*":
+        return True
+    pattern_bucket, slash, key_pattern = pattern.partition("/")
+    if not fnmatch.fnmatchcase(bucket, pattern_bucket):
+        return False
+    if not slash or key_pattern in ("", "*"):
+        return True
+    if listing:
+        literal = key_pattern.split("*", 1)[0].split("?", 1)[0].split("[", 1)[0]
+        return key.startswith(literal) and key_pattern.endswith("*")
+    return fnmatch.fnmatchcase(key, key_pattern)
+
+
+def _is_loopback(request: web.Request) -> bool:
+    peer = request.transport.get_extra_info("peername") if request.transport else None
+    try:
+        return peer is not None and ipaddress.ip_address(peer[0]).is_loopback
+    except ValueError:
+        return False
