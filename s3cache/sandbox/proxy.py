@@ -6,8 +6,8 @@ from __future__ import annotations
 import os
 import resource
 import signal
-import ssl
 import socket
+import ssl
 import subprocess
 import sys
 import time
