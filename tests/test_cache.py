@@ -400,9 +400,7 @@ def test_missing_object_is_404_and_not_cached(cached: Cached, bucket: str) -> No
         assert excinfo.value.response["Error"]["Code"] == "NoSuchKey"
 
 
-def test_listings_are_cached_briefly_and_invalidated_by_writes(
-    cached: Cached, bucket: str
-) -> None:
+def test_listings_are_cached_briefly_and_invalidated_by_writes(cached: Cached, bucket: str) -> None:
     client = cached.client
     client.put_object(Bucket=bucket, Key="a", Body=b"a")
     cached.relay.reset()
@@ -416,9 +414,7 @@ def test_listings_are_cached_briefly_and_invalidated_by_writes(
     assert [o["Key"] for o in client.list_objects_v2(Bucket=bucket)["Contents"]] == ["a", "b"]
 
 
-def test_listing_cache_can_be_turned_off(
-    tmp_path: Path, upstream: SeaweedS3, bucket: str
-) -> None:
+def test_listing_cache_can_be_turned_off(tmp_path: Path, upstream: SeaweedS3, bucket: str) -> None:
     with running_cache(tmp_path, upstream, "--list-cache-ttl", "0") as cached:
         for _ in range(3):
             cached.client.list_objects_v2(Bucket=bucket)
