@@ -125,6 +125,15 @@ def _path_list(text: str | Sequence[str]) -> tuple[Path, ...]:
     return paths
 
 
+def _url_list(text: str | Sequence[str]) -> tuple[str, ...]:
+    items = text.split(",") if isinstance(text, str) else list(text)
+    urls = tuple(item.strip().rstrip("/") for item in items if item.strip())
+    for url in urls:
+        if not url.startswith(("http://", "https://")):
+            raise ValueError(f"not an http(s) URL: {url!r}")
+    return urls
+
+
 def _str_list(text: str | Sequence[str]) -> tuple[str, ...]:
     items = text.split(",") if isinstance(text, str) else list(text)
     return tuple(item.strip().lower() for item in items if item.strip())
@@ -368,6 +377,26 @@ class Settings:
     max_header_size: int = _setting(
         16 * 1024, parse_size, "longest request line or header field accepted"
     )
+    peers: tuple[str, ...] = _setting(
+        (),
+        _url_list,
+        "every node's URL, this one's included (repeatable or comma-separated): one cache",
+        repeat=True,
+    )
+    peers_dns: str | None = _setting(
+        None,
+        _optional_str,
+        "HOST:PORT of a DNS name listing the nodes (a headless Service), re-resolved",
+    )
+    advertise_url: str | None = _setting(
+        None, _optional_str, "this node's URL as the other nodes reach it (one of peers)"
+    )
+    cluster_secret: str | None = _setting(
+        None, _optional_str, "shared secret that authenticates nodes to each other", secret=True
+    )
+    peer_timeout: float = _setting(
+        2.0, parse_duration, "time for a peer to answer before it is taken as down"
+    )
     debug_blocking: bool = _setting(
         False,
         parse_bool,
@@ -388,6 +417,10 @@ class Settings:
             raise ConfigError("cache_low_watermark: must not be above cache_high_watermark")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ConfigError("tls_cert: tls_cert and tls_key go together")
+        if (self.peers or self.peers_dns) and not (self.advertise_url and self.cluster_secret):
+            raise ConfigError("peers: a cluster needs advertise_url and cluster_secret")
+        if self.peers and self.advertise_url and self.advertise_url.rstrip("/") not in self.peers:
+            raise ConfigError("advertise_url: must be one of peers")
 
     def ttl_for(self, bucket: str, key: str) -> float:
         """Seconds an entry of bucket/key stays fresh (``math.inf``: immutable)."""

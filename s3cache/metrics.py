@@ -21,6 +21,7 @@ class CacheOutcome(enum.Enum):
     BYPASS = "bypass"  # a cacheable read served uncached
     NOT_MODIFIED = "not_modified"  # a conditional answered 304/412 from metadata
     FORWARD = "forward"  # not a cacheable read: passed through
+    PEER = "peer"  # served by the cluster node that owns the object
 
 
 class ByteSource(enum.Enum):

@@ -37,7 +37,7 @@ from s3cache.metrics import (
     sample,
 )
 from s3cache.s3.addressing import validate_bucket
-from s3cache.server.keys import AUTH, LIVE_SETTINGS, PREFETCHER, STORE, UPSTREAM
+from s3cache.server.keys import AUTH, CLUSTER, FILLER, LIVE_SETTINGS, PREFETCHER, STORE, UPSTREAM
 
 ADMIN_PREFIX = "/_s3cache/"
 MAX_ADMIN_BODY = 64 * 1024 * 1024  # a manifest of a few hundred thousand keys
@@ -50,6 +50,12 @@ OBSERVING = frozenset({"stats", "metrics"})  # open unless admin_open_metrics is
 async def handle_admin(request: web.Request, name: str) -> web.StreamResponse:
     app = request.app
     method = request.method
+    if name == "peer/invalidate" and method == "POST" and app[CLUSTER].verify(request):
+        change = await _json_body(request)
+        keys = [key for key in change.get("keys", []) if isinstance(key, str)]
+        for key in keys:
+            await app[FILLER].invalidate(change["bucket"], key)
+        return web.json_response({"invalidated": len(keys)})
     _check_access(request, name)
     if name.startswith("jobs/"):
         return _job(request, name.removeprefix("jobs/"))

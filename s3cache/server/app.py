@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
 
+from s3cache.cluster import Cluster
 from s3cache.config import RELOADABLE, ConfigError, LiveSettings, Settings
 from s3cache.fill import Filler
 from s3cache.listing import ListingCache
@@ -19,6 +20,7 @@ from s3cache.server.auth import Authenticator
 from s3cache.server.handlers import handle
 from s3cache.server.keys import (
     AUTH,
+    CLUSTER,
     FILLER,
     LISTINGS,
     LIVE_SETTINGS,
@@ -66,10 +68,14 @@ async def _components(app: web.Application) -> AsyncIterator[None]:
     app[PREFETCHER] = prefetcher
     app[LISTINGS] = ListingCache(settings.list_cache_ttl, upstream)
     app[AUTH] = Authenticator(live, upstream)
+    cluster = Cluster(settings)
+    await cluster.start()
+    app[CLUSTER] = cluster
     app[READER] = Reader(live, store, filler, upstream, prefetcher)
     try:
         yield
     finally:
+        await cluster.close()
         await prefetcher.close()
         await filler.close()
         await store.close()

@@ -13,14 +13,16 @@ from s3cache.forward import (
     response_headers,
     send_upstream,
 )
-from s3cache.reader import Reader
+from s3cache.metrics import SERVED_BYTES, ByteSource, CacheOutcome
+from s3cache.reader import OUTCOME, Reader
 from s3cache.s3.addressing import S3Address, resolve
 from s3cache.s3.operations import Operation, classify
 from s3cache.server.admin import ADMIN_PREFIX, handle_admin
-from s3cache.server.keys import AUTH, FILLER, LISTINGS, LIVE_SETTINGS, READER, UPSTREAM
+from s3cache.server.keys import AUTH, CLUSTER, FILLER, LISTINGS, LIVE_SETTINGS, READER, UPSTREAM
 from s3cache.server.middleware import BUCKET, KEY_ID, OPERATION
 
 # A DeleteObjects answer lists at most 1,000 keys: a few hundred KiB at the very most.
+PEER_KEY_ID = "peer"
 MAX_DELETE_RESULT_BYTES = 4 * 1024 * 1024
 MAX_DELETE_REQUEST_BYTES = 2 * 1024 * 1024
 
@@ -35,8 +37,18 @@ async def handle(request: web.Request) -> web.StreamResponse:
     address = resolve(request.host, request.raw_path, domains)
     request[OPERATION] = classify(request.method, address, request.headers)
     request[BUCKET] = address.bucket or "-"
-    request[KEY_ID] = app[AUTH].authorize(request, address)
+    cluster = app[CLUSTER]
+    from_peer = cluster.verify(request)
+    request[KEY_ID] = PEER_KEY_ID if from_peer else app[AUTH].authorize(request, address)
     if Reader.cacheable(request, address):
+        assert address.bucket is not None and address.key is not None
+        owner = None if from_peer else cluster.owner(address.bucket, address.key)
+        if owner is not None:
+            answer = await cluster.read_from(owner, request, address)
+            if answer is not None:
+                request[OUTCOME] = CacheOutcome.PEER
+                SERVED_BYTES.labels(ByteSource.PEER.value).inc(answer.body_length)
+                return answer
         return await app[READER].read(request, address)
     if request[OPERATION] is Operation.LIST and address.bucket is not None:
         return await app[LISTINGS].list(request, address)
@@ -49,7 +61,6 @@ async def forward_write(request: web.Request, address: S3Address) -> web.StreamR
     """Pass a write through; once the upstream has taken it, and before the client
     hears so, drop what the cache holds of the keys it changed (read-after-write)."""
     app = request.app
-    filler = app[FILLER]
     assert address.bucket is not None
     body = None
     requested: list[str] = []
@@ -63,16 +74,22 @@ async def forward_write(request: web.Request, address: S3Address) -> web.StreamR
             return await relay_response(request, response)
         app[LISTINGS].invalidate(address.bucket)
         if address.key is not None:
-            await filler.invalidate(address.bucket, address.key)
+            await _invalidate(app, address.bucket, [address.key])
             return await relay_response(request, response)
         if request.method == "POST" and address.has_param("delete"):
             result = await response.content.read(MAX_DELETE_RESULT_BYTES)
-            for key in {*requested, *keys_in(result, "Deleted")}:
-                await filler.invalidate(address.bucket, key)
+            await _invalidate(app, address.bucket, [*{*requested, *keys_in(result, "Deleted")}])
             return web.Response(
                 status=response.status, headers=response_headers(response), body=result
             )
         return await relay_response(request, response)
+
+
+async def _invalidate(app: web.Application, bucket: str, keys: list[str]) -> None:
+    """Drop the keys here and at their owners in the cluster."""
+    for key in keys:
+        await app[FILLER].invalidate(bucket, key)
+    await app[CLUSTER].invalidate(bucket, keys)
 
 
 async def _read_small_body(request: web.Request) -> bytes | None:

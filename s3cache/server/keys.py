@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from s3cache.cluster import Cluster
 from s3cache.config import LiveSettings
 from s3cache.fill import Filler
 from s3cache.listing import ListingCache
@@ -21,3 +22,4 @@ PREFETCHER = web.AppKey("prefetcher", Prefetcher)
 READER = web.AppKey("reader", Reader)
 LISTINGS = web.AppKey("listings", ListingCache)
 AUTH = web.AppKey("auth", Authenticator)
+CLUSTER = web.AppKey("cluster", Cluster)

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import xxhash
 
+from s3cache.hashing import ranked
+
 DATA_DIR = "data"
 VERIFY_PIECE = 1024 * 1024
 
@@ -22,8 +24,7 @@ def file_name(bucket: str, key: str, etag: str) -> str:
 
 def choose_dir(bucket: str, key: str, dir_count: int) -> int:
     """Rendezvous hashing over the directories: adding a drive moves only its share."""
-    name = f"{bucket}\0{key}".encode()
-    return max(range(dir_count), key=lambda i: xxhash.xxh3_64_intdigest(name, seed=i))
+    return int(ranked(f"{bucket}/{key}", [str(i) for i in range(dir_count)])[0])
 
 
 def file_path(cache_dir: Path, name: str) -> Path:
