@@ -249,7 +249,7 @@ def test_secret_holds_placeholder_upstream_credentials() -> None:
     objects = _manifests()
     secret = objects["Secret"]
     values = secret["stringData"]
-    assert set(values) == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+    assert set(values) == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "S3CACHE_CLUSTER_SECRET"}
     for key, value in values.items():
         assert "REPLACE" in value, f"{key} must be an obvious placeholder, not a credential"
     container = _s3cache_container(objects["DaemonSet"])
@@ -378,7 +378,7 @@ HISTOGRAMS = frozenset(
     }
 )
 LABEL_VALUES: dict[str, frozenset[str]] = {
-    "outcome": frozenset({"hit", "miss", "partial", "bypass", "not_modified", "forward"}),
+    "outcome": frozenset({"hit", "miss", "partial", "bypass", "not_modified", "forward", "peer"}),
     "source": frozenset({"cache", "upstream", "peer"}),
     "kind": frozenset({"block", "revalidate", "forward", "probe"}),
     "status_class": frozenset({"2xx", "3xx", "4xx", "5xx", "error"}),
