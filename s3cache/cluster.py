@@ -8,8 +8,9 @@ from its cache (filling it once for the whole cluster) and the asking node strea
 answer to its client. Ranges, conditionals and single-flight work across nodes because
 the owner serves every read of its keys.
 
-Failure: a peer that does not answer within ``peer_timeout``, or fails its health
-check, is taken as down; its keys go to the next node in rendezvous order (possibly
+Failure: a peer that cannot be connected to within ``peer_timeout``, does not answer a
+read within ``upstream_read_timeout``, or fails its health check (``peer_timeout``), is
+taken as down; its keys go to the next node in rendezvous order (possibly
 this one) until a health check sees it back. Nodes come from ``peers`` or from the
 addresses a DNS name (a Kubernetes headless Service) resolves to, re-resolved
 periodically.
@@ -59,6 +60,8 @@ class Cluster:
         self._dns = settings.peers_dns
         self._secret = (settings.cluster_secret or "").encode()
         self._timeout = settings.peer_timeout
+        # A cold read waits on the owner's upstream fetch: give it the upstream's time.
+        self._read_timeout = settings.upstream_read_timeout
         self._down: set[str] = set()
         self._session: aiohttp.ClientSession | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -73,7 +76,7 @@ class Cluster:
         self._session = aiohttp.ClientSession(
             auto_decompress=False,
             timeout=aiohttp.ClientTimeout(
-                total=None, sock_connect=self._timeout, sock_read=max(self._timeout, 30.0)
+                total=None, sock_connect=self._timeout, sock_read=self._read_timeout
             ),
         )
         self._tasks.append(asyncio.create_task(self._check_health_forever()))
@@ -115,9 +118,8 @@ class Cluster:
         headers[PEER_HEADER] = self.sign(request.method, target)
         url = yarl.URL(node + target, encoded=True)
         try:
-            response = await asyncio.wait_for(
-                self._session.request(request.method, url, headers=headers, allow_redirects=False),
-                self._timeout,
+            response = await self._session.request(
+                request.method, url, headers=headers, allow_redirects=False
             )
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             self._mark_down(node, exc)
