@@ -395,7 +395,9 @@ class Settings:
         None, _optional_str, "shared secret that authenticates nodes to each other", secret=True
     )
     peer_timeout: float = _setting(
-        2.0, parse_duration, "time to connect to a peer, or for its health check, before it is taken as down"
+        2.0,
+        parse_duration,
+        "time to connect to a peer, or for its health check, before it is taken as down",
     )
     debug_blocking: bool = _setting(
         False,
