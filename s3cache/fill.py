@@ -134,7 +134,9 @@ class Filler:
 
     # --- opening -----------------------------------------------------------------
 
-    async def open(self, bucket: str, key: str, first_block: int | None) -> Opened:
+    async def open(
+        self, bucket: str, key: str, first_block: int | None, *, prefetch: bool = False
+    ) -> Opened:
         """The entry of an object that is not in the in-memory view: from the index, or
         created with its first block fetch (``first_block``), or from a HEAD (None).
 
@@ -153,7 +155,7 @@ class Filler:
             elif first_block is None:
                 opened = await self._open_from_head(bucket, key)
             else:
-                opened = await self._open(bucket, key, first_block)
+                opened = await self._open(bucket, key, first_block, prefetch=prefetch)
             if (bucket, key) in self._overtaken and opened.entry is not None:
                 # A write finished while this open was in flight: this reader (and
                 # those waiting with it) began before it and may see the old version,
@@ -174,7 +176,9 @@ class Filler:
             self._overtaken.add((bucket, key))
         await self._store.invalidate(bucket, key)
 
-    async def _open(self, bucket: str, key: str, first_block: int) -> Opened:
+    async def _open(
+        self, bucket: str, key: str, first_block: int, *, prefetch: bool = False
+    ) -> Opened:
         block_size = self._store.block_size
         start = first_block * block_size
         url = self._upstream.url(bucket, key)
@@ -200,7 +204,7 @@ class Filler:
             return Opened(entry)
         # With no room, readers find the blocks missing and serve them uncached.
         with contextlib.suppress(CacheFull):
-            self._start(entry, first, last, response)
+            self._start(entry, first, last, response, prefetch=prefetch)
         return Opened(entry)
 
     async def _open_from_head(self, bucket: str, key: str) -> Opened:

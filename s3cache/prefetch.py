@@ -39,6 +39,10 @@ from s3cache.upstream import Upstream
 log = logging.getLogger(__name__)
 
 
+# How far behind the furthest read a late read of a manifest item may arrive (items).
+REORDER_SLACK = 1024
+
+
 class Priority(enum.IntEnum):
     READ_AHEAD = 0
     MANIFEST = 1
@@ -110,14 +114,26 @@ class ObjectItem:
 class Manifest:
     """The ordered reads of the coming epoch, and where the client is in it."""
 
-    __slots__ = ("bucket", "items", "positions", "position", "queued")
+    __slots__ = (
+        "bucket",
+        "items",
+        "positions",
+        "position",
+        "queued",
+        "read",
+        "sizes",
+        "sizes_total",
+    )
 
     def __init__(self, bucket: str, items: list[tuple[str, tuple[int, int] | None]]) -> None:
         self.bucket = bucket
         self.items: list[tuple[str, tuple[int, int] | None]] = []
         self.positions: dict[str, list[int]] = {}
-        self.position = -1  # the last item the client was seen reading
+        self.position = -1  # the furthest item the client was seen reading
         self.queued = 0  # items handed to the queue so far
+        self.read: set[int] = set()  # items read, near the position
+        self.sizes: dict[str, int] = {}  # object sizes seen, kept after eviction
+        self.sizes_total = 0
         self.extend(items)
 
     def extend(self, items: list[tuple[str, tuple[int, int] | None]]) -> None:
@@ -126,17 +142,39 @@ class Manifest:
             self.items.append((key, byte_range))
 
     def observe(self, key: str) -> None:
+        """The client read ``key``: the first unread occurrence of it that is not far
+        behind the position. A loader with several workers reads a little out of
+        order: a read that arrives late is this epoch's, not the same key further
+        on (in the next epoch, appended), which would move the position past
+        everything in between."""
         for index in self.positions.get(key, ()):
-            if index > self.position:
-                self.position = index
+            if index > self.position - REORDER_SLACK and index not in self.read:
+                self.read.add(index)
+                if index > self.position:
+                    self.position = index
+                    if len(self.read) > 2 * REORDER_SLACK:
+                        floor = self.position - REORDER_SLACK
+                        self.read = {i for i in self.read if i > floor}
                 return
 
     def next_use(self, key: str) -> int | None:
         """How many items ahead the key is needed next (None: not again)."""
         for index in self.positions.get(key, ()):
-            if index > self.position:
+            if index > self.position and index not in self.read:
                 return index - self.position
         return None
+
+    def saw(self, key: str, size: int) -> None:
+        self.sizes_total += size - self.sizes.get(key, 0)
+        self.sizes[key] = size
+
+    def size_of(self, key: str, default: int) -> int:
+        """The object's size if seen, else the mean of those seen, else ``default``
+        (the lead is counted in bytes: an evicted or unopened object must not count
+        as a whole block when objects are much smaller than one)."""
+        if key in self.sizes:
+            return self.sizes[key]
+        return self.sizes_total // len(self.sizes) if self.sizes else default
 
 
 class Prefetcher:
@@ -186,6 +224,7 @@ class Prefetcher:
         self._read_ahead(entry, start, end)
         manifest = self.manifests.get(entry.bucket)
         if manifest is not None:
+            manifest.saw(entry.key, entry.size)
             manifest.observe(entry.key)
             self._feed_manifest(manifest)
 
@@ -281,7 +320,7 @@ class Prefetcher:
         while index < len(manifest.items) and ahead < self._lead:
             key, byte_range = manifest.items[index]
             entry = self._store.peek(manifest.bucket, key)
-            size = entry.size if entry is not None else self._block_size
+            size = entry.size if entry is not None else manifest.size_of(key, self._block_size)
             if byte_range is not None:
                 size = byte_range[1] - byte_range[0]
             ahead += size
@@ -341,6 +380,9 @@ class Prefetcher:
         entry = item.entry or await self._entry(item)
         if entry is None:
             return 0
+        manifest = self.manifests.get(entry.bucket)
+        if manifest is not None:
+            manifest.saw(entry.key, entry.size)
         start, end = item.byte_range or (0, entry.size)
         if end <= start:
             return 0
@@ -364,7 +406,7 @@ class Prefetcher:
         if entry is not None and not entry.dropped:
             return entry
         first = (item.byte_range[0] if item.byte_range else 0) // self._block_size
-        opened = await self._filler.open(item.bucket, item.key, first)
+        opened = await self._filler.open(item.bucket, item.key, first, prefetch=True)
         if opened.response is not None:
             opened.response.release()
         return opened.entry

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from s3cache.epoch import submit_epoch
+from s3cache.prefetch import Manifest
 from s3cache.sandbox.seaweed import SeaweedS3
 from tests.cached_proxy import BLOCK, Cached, get, put, running_cache
 
@@ -155,3 +156,20 @@ def test_epoch_manifest_beats_lru_when_the_dataset_is_twice_the_cache(
         json.dumps(stats["reads"]),
         json.dumps(stats["prefetch"]),
     )
+
+
+def test_a_late_read_does_not_move_the_manifest_into_the_next_epoch() -> None:
+    """Readers in parallel deliver reads slightly out of order: a late read of item i
+    belongs to this epoch, not to the same key in the appended next epoch."""
+    this = [f"k{i}" for i in range(10)]
+    following = ["k7", "k2", "k9", "k0", "k5", "k1", "k8", "k3", "k6", "k4"]
+    manifest = Manifest("b", [(k, None) for k in this])
+    manifest.extend([(k, None) for k in following])
+    for key in ("k0", "k2", "k1"):
+        manifest.observe(key)
+    assert manifest.position == 2
+    assert [manifest.next_use(k) for k in ("k3", "k4", "k5")] == [1, 2, 3]
+    assert manifest.next_use("k1") == 13
+    for key in ("k3", "k4", "k5", "k6", "k7", "k8", "k9", "k7"):
+        manifest.observe(key)
+    assert manifest.position == 10
