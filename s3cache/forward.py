@@ -115,6 +115,9 @@ async def relay_response(
     try:
         async for chunk in iter_body(response, kind=UpstreamKind.FORWARD):
             await out.write(chunk)
+    except ConnectionError:
+        abort(request)  # the client went away
+        return out
     except UpstreamBroken as exc:
         log.warning("upstream body broke off, aborting the client connection: %s", exc)
         abort(request)

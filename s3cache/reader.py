@@ -167,21 +167,27 @@ class Reader:
             from_cache = _present_bytes(entry, span.start, span.end + 1)
             outcome = _outcome(from_cache, span.length)
             self._prefetcher.observe_read(entry, span.start, span.end + 1)
-            await self._first_bytes_ready(entry, span.start)
+            await self._first_bytes_ready(entry, span.start, span.end + 1)
             await response.prepare(request)
-            if await self._stream(request, response, entry, span.start, span.end + 1):
-                await response.write_eof()
+            try:
+                if await self._stream(request, response, entry, span.start, span.end + 1):
+                    await response.write_eof()
+            except ConnectionError:
+                abort(request)  # the client went away: nothing more to send
+                return response
             SERVED_BYTES.labels(ByteSource.CACHE.value).inc(from_cache)
             SERVED_BYTES.labels(ByteSource.UPSTREAM.value).inc(span.length - from_cache)
         _count(request, outcome)
         return response
 
-    async def _first_bytes_ready(self, entry: Entry, offset: int) -> None:
+    async def _first_bytes_ready(self, entry: Entry, offset: int, end: int) -> None:
         """Before the status line goes out, make sure the version still holds: wait for
-        the first needed byte (a 412 on its block restarts the request cleanly)."""
+        the first needed byte (a 412 on its block restarts the request cleanly). The
+        fetches of the following blocks start at once, in parallel."""
         block = entry.block_of(offset)
         try:
             fetch = self._filler.fetch(entry, block)
+            self._filler.read_ahead(entry, block, entry.block_of(end - 1))
         except CacheFull:
             return
         if fetch is not None:

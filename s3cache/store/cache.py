@@ -328,26 +328,47 @@ class CacheStore:
         entry.verified.add(block)
 
     async def verified_until(self, entry: Entry, start: int, end: int) -> int:
-        """Like ``entry.present_until``, after checking once the hash of each present
-        block not yet verified by this process: a damaged block is dropped (and will be
-        fetched again), never served."""
-        present_end = entry.present_until(start, end)
-        if present_end <= start:
-            return present_end
-        first, last = entry.block_of(start), entry.block_of(present_end - 1)
-        unverified = [b for b in range(first, last + 1) if b not in entry.verified]
-        if not unverified:
-            return present_end
-        checks = [
-            (b, entry.block_range(b)[0], entry.block_length(b), entry.blocks[b]) for b in unverified
-        ]
-        bad = await _run(files.corrupt_blocks, await self.fd(entry), checks)
-        for block in unverified:
-            if block in bad:
+        """Like ``entry.present_until``, but only over blocks whose hash this process has
+        checked (or which it wrote): the first present block not yet checked is checked
+        now — once, whatever the number of readers waiting for it — and a damaged block
+        is dropped (and fetched again), never served. Verification thus advances block
+        by block with the readers instead of holding them until a whole range is done."""
+        position = start
+        while position < end:
+            block = entry.block_of(position)
+            if block not in entry.blocks:
+                break
+            if block not in entry.verified:
+                if position > start:
+                    break  # send what is verified first
+                await self._verify_block(entry, block)
+                if block not in entry.verified:
+                    break  # it was damaged: dropped
+            position = min(entry.block_range(block)[1], end)
+        return position
+
+    async def _verify_block(self, entry: Entry, block: int) -> None:
+        pending = entry.verifying.get(block)
+        if pending is not None:
+            await asyncio.shield(pending)
+            return
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        entry.verifying[block] = done
+        try:
+            check = (
+                block,
+                entry.block_range(block)[0],
+                entry.block_length(block),
+                entry.blocks[block],
+            )
+            bad = await _run(files.corrupt_blocks, await self.fd(entry), [check])
+            if bad:
                 await self.drop_block(entry, block)
             elif block in entry.blocks:
                 entry.verified.add(block)
-        return entry.present_until(start, end)
+        finally:
+            del entry.verifying[block]
+            done.set_result(None)
 
     async def drop_block(self, entry: Entry, block: int) -> None:
         """Forget one block whose bytes are damaged."""

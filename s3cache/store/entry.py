@@ -42,6 +42,7 @@ class Entry:
         "fd",
         "revalidation",
         "verified",
+        "verifying",
         "prefetched",
         "next_offset",
         "window",
@@ -79,6 +80,7 @@ class Entry:
         # Blocks whose bytes were checked against their hash (or written) by this
         # process: the others are checked once before they are first served.
         self.verified: set[int] = set()
+        self.verifying: dict[int, asyncio.Future[None]] = {}  # checks under way
         # Blocks brought by prefetch and not read yet -> when they landed (monotonic).
         self.prefetched: dict[int, float] = {}
         # Sequential read detection: where the next read would start if sequential,
