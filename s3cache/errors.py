@@ -31,6 +31,7 @@ Codes and statuses: https://docs.aws.amazon.com/AmazonS3/latest/API/ErrorRespons
 
 from __future__ import annotations
 
+import re
 from xml.sax.saxutils import escape
 
 
@@ -145,7 +146,23 @@ def error_document(error: S3Error, request_id: str) -> bytes:
     return (
         '<?xml version="1.0" encoding="UTF-8"?>\n'
         f"<Error><Code>{error.code}</Code>"
-        f"<Message>{escape(error.message)}</Message>"
-        f"<Resource>{escape(error.resource)}</Resource>"
+        f"<Message>{_xml_text(error.message)}</Message>"
+        f"<Resource>{_xml_text(error.resource)}</Resource>"
         f"<RequestId>{request_id}</RequestId></Error>"
     ).encode()
+
+
+def _xml_text(text: str) -> str:
+    """Escaped for XML, with the characters XML 1.0 cannot carry (control characters,
+    lone surrogates) percent-encoded: a hostile key still gets a well-formed document."""
+    return escape(_NOT_XML.sub(_percent, text))
+
+
+def _percent(match: re.Match[str]) -> str:
+    char = match[0]
+    if 0xD800 <= ord(char) <= 0xDFFF:
+        return "%3F"
+    return "".join(f"%{byte:02X}" for byte in char.encode())
+
+
+_NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff\ud800-\udfff]")

@@ -108,7 +108,9 @@ class Reader:
             first_block = None if request.method == "HEAD" or suffix else self._first_block(request)
             opened = await self._filler.open(bucket, key, first_block)
             if opened.response is not None:
-                if opened.uncacheable:
+                if opened.uncacheable or opened.response.method != request.method:
+                    # Uncacheable, or the HEAD that opened a GET failed: the GET itself
+                    # goes upstream (its error body included).
                     opened.response.release()
                     return None, True
                 async with opened.response:

@@ -30,7 +30,7 @@ from botocore.awsrequest import AWSRequest
 from botocore.exceptions import BotoCoreError
 
 from s3cache.config import Settings
-from s3cache.errors import S3Error, ServiceUnavailable
+from s3cache.errors import InvalidArgument, S3Error, ServiceUnavailable
 from s3cache.metrics import (
     UPSTREAM_BYTES,
     UPSTREAM_DURATION,
@@ -152,6 +152,11 @@ class Upstream:
         """
         if self._session is None:
             raise RuntimeError("Upstream.start() was not awaited")
+        try:
+            for value in headers.values():
+                value.encode("latin-1")  # what an HTTP/1.1 header can carry
+        except UnicodeError as exc:
+            raise InvalidArgument("A header value is not valid.") from exc
         signed = await self._sign(method, url, headers)
         started = time.perf_counter()
         try:

@@ -46,7 +46,8 @@ def make_app(settings: LiveSettings) -> web.Application:
     app[LIVE_SETTINGS] = settings
     app.cleanup_ctx.append(_components)
     app.on_response_prepare.append(on_response_prepare)
-    app.router.add_route("*", "/{tail:.*}", handle)
+    # Any path at all: keys may hold newlines, which "." does not match.
+    app.router.add_route("*", r"/{tail:[\s\S]*}", handle)
     return app
 
 

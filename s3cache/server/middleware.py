@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from s3cache.errors import InternalError, S3Error, error_document
+from s3cache.errors import InternalError, InvalidRequest, S3Error, error_document
 from s3cache.metrics import (
     REQUEST_DURATION,
     REQUESTS,
@@ -70,6 +70,10 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
         if not error.resource:
             error.resource = request.path
         response = error_response(error, request_id)
+    except web.HTTPException as exc:
+        # aiohttp's own refusals (a request target its router cannot route, like
+        # "OPTIONS *"): a request s3cache cannot parse.
+        response = error_response(InvalidRequest(exc.reason, resource=request.raw_path), request_id)
     except ConnectionError:
         raise  # the client went away: there is nobody to answer
     except Exception:
