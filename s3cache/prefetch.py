@@ -377,6 +377,8 @@ class Prefetcher:
         object's blocks in range hold once done."""
         if item.job is not None and item.job.finished:
             return 0
+        if item.entry is not None and item.entry.dropped:
+            return 0  # evicted or replaced since the read that asked for read-ahead
         entry = item.entry or await self._entry(item)
         if entry is None:
             return 0

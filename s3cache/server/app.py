@@ -37,6 +37,10 @@ log = logging.getLogger(__name__)
 
 # How long in-flight requests may take to finish after SIGTERM.
 DRAIN_SECONDS = 30.0
+# Accept queue of the listening sockets (the kernel caps it at net.core.somaxconn).
+# aiohttp's default of 128 drops SYNs when hundreds of clients connect at once (a
+# training job starting): each then waits 1 s, 3 s, 7 s... to retry.
+LISTEN_BACKLOG = 4096
 # S3 clients send a dozen or two headers; a hundred is plenty.
 MAX_HEADERS = 100
 
@@ -105,7 +109,9 @@ async def serve(
     await runner.setup()
     tls = _tls_context(settings)
     for host, port in filter(None, (settings.listen, settings.admin_listen)):
-        site = web.TCPSite(runner, host, port, reuse_address=True, ssl_context=tls)
+        site = web.TCPSite(
+            runner, host, port, reuse_address=True, ssl_context=tls, backlog=LISTEN_BACKLOG
+        )
         await site.start()
         log.info("s3cache listening on %s://%s:%d", "https" if tls else "http", host, port)
     if settings.debug_blocking:

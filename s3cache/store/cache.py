@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import secrets
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -71,6 +72,7 @@ class CacheStore:
         self._accessed: dict[int, float] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._evict_needed = asyncio.Event()
+        self._evicting: set[int] = set()  # ids of rows being evicted (not in the view)
         self.used = 0
         self.reserved = 0
         self.entries = 0
@@ -144,8 +146,8 @@ class CacheStore:
             self._view.move_to_end((bucket, key))
             return entry
         row = await self._in_index_thread(self.index.get, bucket, key)
-        if row is None:
-            return None
+        if row is None or row.id in self._evicting:
+            return None  # (an entry being evicted is not brought back to life)
         entry = self._view.get((bucket, key))  # another request may have loaded it
         if entry is None:
             entry = self._entry_from_row(row)
@@ -159,7 +161,7 @@ class CacheStore:
             await self.drop(old)
         now = time.time()
         directory = files.choose_dir(bucket, key, len(self._dirs))
-        name = files.file_name(bucket, key, meta.etag)
+        name = files.file_name(bucket, key, meta.etag, secrets.token_hex(8))
         row = EntryRow(
             id=0,
             bucket=bucket,
@@ -261,6 +263,16 @@ class CacheStore:
         if entry.fd is None:
             try:
                 entry.fd = await _run(files.open_existing, entry.path)
+            except FileNotFoundError as exc:
+                if entry.blocks or entry.dropped:
+                    raise CacheWriteError(f"cannot open cache file: {exc}") from exc
+                # A crash between the row's commit and the file's creation left a row
+                # without a file (and without blocks): create the file now.
+                try:
+                    entry.fd = await _run(files.open_or_create, entry.path, entry.size)
+                except OSError as exc:
+                    self._write_failed()
+                    raise CacheWriteError(f"cannot create cache file: {exc}") from exc
             except OSError as exc:
                 raise CacheWriteError(f"cannot open cache file: {exc}") from exc
         return entry.fd
@@ -441,10 +453,16 @@ class CacheStore:
         if entry is not None:
             await self.drop(entry)
         else:
-            await self._in_index_thread(self.index.delete, [entry_id])
-            self.used -= present
-            self.entries -= 1
-            await _run(files.unlink, files.file_path(self._dirs[directory], name))
+            # A lookup of the row may be in flight: it must not load the entry whose
+            # rows and file are going away.
+            self._evicting.add(entry_id)
+            try:
+                await self._in_index_thread(self.index.delete, [entry_id])
+                self.used -= present
+                self.entries -= 1
+                await _run(files.unlink, files.file_path(self._dirs[directory], name))
+            finally:
+                self._evicting.discard(entry_id)
         CACHE_EVICTIONS.inc()
         CACHE_EVICTED_BYTES.inc(present)
 
@@ -485,9 +503,13 @@ class CacheStore:
                 (b, entry.block_range(b)[0], entry.block_length(b), h)
                 for b, h in list(entry.blocks.items())
             ]
-            bad = await _run(files.corrupt_blocks, await self.fd(entry), checks)
-            for block in bad:
-                await self.drop_block(entry, block)
+            self.pin(entry)  # eviction must not close the fd while it is read
+            try:
+                bad = await _run(files.corrupt_blocks, await self.fd(entry), checks)
+                for block in bad:
+                    await self.drop_block(entry, block)
+            finally:
+                self.unpin(entry)
             return sum(length for _, _, length, _ in checks)
         path = files.file_path(self._dirs[row.dir], row.file)
         checks = []
@@ -498,13 +520,30 @@ class CacheStore:
             bad = await _run(files.corrupt_blocks_in, path, checks)
         except OSError:
             bad = [block for block, _, _, _ in checks]  # the file is gone or unreadable
-        for block in bad:
-            length = next(length for b, _, length, _ in checks if b == block)
-            CORRUPT_BLOCKS.inc()
-            log.error("s3://%s/%s block %d is damaged: dropped", row.bucket, row.key, block)
-            await self._in_index_thread(self.index.remove_block, row.id, block, length)
-            self.used -= length
+        if bad:
+            await self._drop_scrubbed(row, bad)
         return sum(length for _, _, length, _ in checks)
+
+    async def _drop_scrubbed(self, row: EntryRow, bad: list[int]) -> None:
+        """Drop the damaged blocks of an entry checked through its row. The row was read
+        before the file: if the entry was evicted or replaced meanwhile (its rows are
+        deleted before its file is unlinked), the file is gone or is another entry's,
+        and nothing is damaged."""
+        current = await self._in_index_thread(self.index.get, row.bucket, row.key)
+        if current is None or current.id != row.id:
+            return
+        entry = self._view.get((row.bucket, row.key))
+        for block in bad:
+            if current.blocks.get(block) != row.blocks[block]:
+                continue
+            if entry is not None and entry.id == row.id and not entry.dropped:
+                await self.drop_block(entry, block)  # loaded meanwhile: drop it there too
+                continue
+            length = min(row.block_size, row.size - block * row.block_size)
+            if await self._in_index_thread(self.index.remove_block, row.id, block, length):
+                CORRUPT_BLOCKS.inc()
+                log.error("s3://%s/%s block %d is damaged: dropped", row.bucket, row.key, block)
+                self.used -= length
 
     async def _sweep_orphans(self) -> None:
         """Remove block files that no index row claims (left by a crash), a batch at a

@@ -17,9 +17,11 @@ DATA_DIR = "data"
 VERIFY_PIECE = 1024 * 1024
 
 
-def file_name(bucket: str, key: str, etag: str) -> str:
-    """A new version of an object gets a new file: versions never share bytes."""
-    return xxhash.xxh3_128_hexdigest(f"{bucket}\0{key}\0{etag}".encode())
+def file_name(bucket: str, key: str, etag: str, nonce: str = "") -> str:
+    """Every entry gets a new file (``nonce``, random): versions never share bytes, and
+    a late unlink of a dropped entry's file (or the orphan sweep) can never remove the
+    file of a newer entry of the same version."""
+    return xxhash.xxh3_128_hexdigest(f"{bucket}\0{key}\0{etag}\0{nonce}".encode())
 
 
 def choose_dir(bucket: str, key: str, dir_count: int) -> int:
@@ -36,6 +38,16 @@ def create_sparse(path: Path, size: int) -> int:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     os.ftruncate(fd, size)
+    return fd
+
+
+def open_or_create(path: Path, size: int) -> int:
+    """Open the file, creating it sparse at ``size`` bytes if it is missing or empty
+    (never truncating bytes that are there)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    if os.fstat(fd).st_size == 0:
+        os.ftruncate(fd, size)
     return fd
 
 

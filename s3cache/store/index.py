@@ -13,9 +13,10 @@ are deleted (and committed) before its file is unlinked (``store.cache``).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -87,6 +88,20 @@ class Index:
     def close(self) -> None:
         self._db.close()
 
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """One atomic commit. (The connection is in autocommit mode, where ``with
+        self._db:`` begins no transaction: each statement would commit on its own, and
+        a crash between two of them would leave e.g. present_bytes counting a block
+        that has no row.)"""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
     def used_bytes(self) -> int:
         (total,) = self._db.execute(
             "SELECT COALESCE(SUM(present_bytes), 0) FROM entries"
@@ -139,7 +154,7 @@ class Index:
 
     def insert(self, row: EntryRow) -> int:
         """Insert a new entry (replacing any row of the same key) and return its id."""
-        with self._db:
+        with self._transaction():
             self._db.execute(
                 "DELETE FROM entries WHERE bucket = ? AND key = ?", (row.bucket, row.key)
             )
@@ -166,7 +181,7 @@ class Index:
 
     def add_block(self, entry_id: int, block: int, nbytes: int, xxh3: int) -> bool:
         """Record a block as present; False if the entry is gone meanwhile."""
-        with self._db:
+        with self._transaction():
             updated = self._db.execute(
                 "UPDATE entries SET present_bytes = present_bytes + ? WHERE id = ?",
                 (nbytes, entry_id),
@@ -179,27 +194,30 @@ class Index:
             )
         return True
 
-    def remove_block(self, entry_id: int, block: int, nbytes: int) -> None:
-        with self._db:
-            if self._db.execute(
+    def remove_block(self, entry_id: int, block: int, nbytes: int) -> bool:
+        """Forget a block; False if it was not recorded (or its entry is gone)."""
+        with self._transaction():
+            if not self._db.execute(
                 "DELETE FROM blocks WHERE entry_id = ? AND block = ?", (entry_id, block)
             ).rowcount:
-                self._db.execute(
-                    "UPDATE entries SET present_bytes = present_bytes - ? WHERE id = ?",
-                    (nbytes, entry_id),
-                )
+                return False
+            self._db.execute(
+                "UPDATE entries SET present_bytes = present_bytes - ? WHERE id = ?",
+                (nbytes, entry_id),
+            )
+        return True
 
     def delete(self, entry_ids: Iterable[int]) -> None:
-        with self._db:
+        with self._transaction():
             self._db.executemany("DELETE FROM entries WHERE id = ?", [(i,) for i in entry_ids])
 
     def touch(self, accessed: Iterable[tuple[float, int]]) -> None:
         """Batched access-time updates: (accessed_at, entry id) pairs."""
-        with self._db:
+        with self._transaction():
             self._db.executemany("UPDATE entries SET accessed_at = ? WHERE id = ?", accessed)
 
     def set_validated(self, entry_id: int, validated_at: float) -> None:
-        with self._db:
+        with self._transaction():
             self._db.execute(
                 "UPDATE entries SET validated_at = ? WHERE id = ?", (validated_at, entry_id)
             )
