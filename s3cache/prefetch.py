@@ -386,6 +386,7 @@ class Prefetcher:
         if manifest is not None:
             manifest.saw(entry.key, entry.size)
         start, end = item.byte_range or (0, entry.size)
+        end = min(end, entry.size)  # a range past the end must not walk endless blocks
         if end <= start:
             return 0
         self._store.pin(entry)

@@ -102,8 +102,8 @@ async def _json_body(request: web.Request) -> dict[str, Any]:
         raise InvalidArgument("request body too large")
     try:
         body = json.loads(await request.content.read(MAX_ADMIN_BODY + 1))
-    except ValueError as exc:
-        raise InvalidArgument(f"the body is not JSON: {exc}") from exc
+    except (ValueError, RecursionError) as exc:  # RecursionError: absurdly deep nesting
+        raise InvalidArgument("the body is not usable JSON") from exc
     if not isinstance(body, dict) or not isinstance(body.get("bucket"), str):
         raise InvalidArgument('expected a JSON object with a "bucket"')
     validate_bucket(body["bucket"])
@@ -139,7 +139,10 @@ def _job(request: web.Request, job_id: str) -> web.StreamResponse:
 async def _submit_manifest(request: web.Request) -> web.StreamResponse:
     body = await _json_body(request)
     items: list[tuple[str, tuple[int, int] | None]] = []
-    for item in body.get("keys", []):
+    keys = body.get("keys", [])
+    if not isinstance(keys, list):
+        raise InvalidArgument('"keys" must be a list')
+    for item in keys:
         if isinstance(item, str):
             items.append((item, None))
         elif (

@@ -6,6 +6,7 @@ import xml.etree.ElementTree as ET
 
 from aiohttp import web
 
+from s3cache.errors import MethodNotAllowed
 from s3cache.forward import (
     forward,
     is_signed_streaming,
@@ -37,6 +38,11 @@ async def handle(request: web.Request) -> web.StreamResponse:
     address = resolve(request.host, request.raw_path, domains)
     request[OPERATION] = classify(request.method, address, request.headers)
     request[BUCKET] = address.bucket or "-"
+    if address.bucket is None and request.method not in ("GET", "HEAD"):
+        # The service itself answers only ListBuckets.
+        raise MethodNotAllowed(
+            "The specified method is not allowed against this resource.", resource="/"
+        )
     cluster = app[CLUSTER]
     from_peer = cluster.verify(request)
     request[KEY_ID] = PEER_KEY_ID if from_peer else app[AUTH].authorize(request, address)
