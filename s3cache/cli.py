@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import uvloop
+from aiohttp.http_exceptions import HttpProcessingError
 
 from s3cache import __version__
 from s3cache.config import ConfigError, Settings, add_arguments, load_settings
@@ -96,7 +97,18 @@ def _log_off_the_loop(level: str) -> logging.handlers.QueueListener:
     logging.basicConfig(level=level.upper(), handlers=[enqueue])
     listener = logging.handlers.QueueListener(records, output)
     listener.start()
+    logging.getLogger("aiohttp.server").addFilter(_quiet_bad_requests)
     return listener
+
+
+def _quiet_bad_requests(record: logging.LogRecord) -> bool:
+    """Requests that are not HTTP at all (aiohttp answers them 400 itself) are a client's
+    problem: logged at DEBUG, not as an ERROR with a traceback any client could flood."""
+    error = record.exc_info[1] if record.exc_info else None
+    if isinstance(error, HttpProcessingError):
+        record.levelno, record.levelname, record.exc_info = logging.DEBUG, "DEBUG", None
+        return logging.getLogger().isEnabledFor(logging.DEBUG)
+    return True
 
 
 def _admin(endpoint: str, name: str, method: str = "GET", body: object = None) -> Any:
