@@ -3,7 +3,6 @@ hardening against slow or hostile clients."""
 
 from __future__ import annotations
 
-import hashlib
 import http.client
 import json
 import socket
@@ -274,5 +273,5 @@ def test_slow_clients_are_cut_off(tmp_path: Path, upstream: SeaweedS3, bucket: s
         assert b"<Code>RequestTimeout</Code>" in answer.read()
         connection.close()
         writer.close()
-        assert hashlib.sha256(b"").hexdigest()  # the process is still serving:
+        # The process is still serving:
         assert fetch(f"{proxy.endpoint_url}/_s3cache/healthz")[0] == 200
