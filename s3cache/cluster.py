@@ -90,6 +90,10 @@ class Cluster:
         if self._session is not None:
             await self._session.close()
 
+    def state(self) -> dict[str, object]:
+        """The nodes and which of them are taken as down (for stats)."""
+        return {"nodes": list(self._nodes), "down": sorted(self._down)} if self.enabled else {}
+
     # --- ownership ---------------------------------------------------------------
 
     def owner(self, bucket: str, key: str) -> str | None:

@@ -5,9 +5,11 @@ a node that stops is routed around, and gets its keys back when it returns."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -57,6 +59,7 @@ def cluster(tmp_path: Path, upstream: SeaweedS3) -> Iterator[tuple[Nodes, Relay]
         nodes = Nodes(tmp_path, upstream, relay)
         for node in nodes.nodes:
             node.start()
+        wait_until_all_see_each_other(nodes)
         try:
             yield nodes, relay
         finally:
@@ -64,6 +67,20 @@ def cluster(tmp_path: Path, upstream: SeaweedS3) -> Iterator[tuple[Nodes, Relay]
                 client.close()
             for node in nodes.nodes:
                 node.stop()
+
+
+def wait_until_all_see_each_other(nodes: Nodes, timeout: float = 20.0) -> None:
+    """Nodes started one after the other first see the later ones as down, until a
+    health check (every 2 s) sees them up."""
+    deadline = time.monotonic() + timeout
+    for node in nodes.nodes:
+        while time.monotonic() < deadline:
+            with urllib.request.urlopen(f"{node.endpoint_url}/_s3cache/stats") as answer:
+                if not json.load(answer)["cluster"]["down"]:
+                    break
+            time.sleep(0.2)
+        else:
+            raise AssertionError(f"{node.endpoint_url} still sees peers down")
 
 
 def read(client: Any, bucket: str, key: str, **extra: Any) -> bytes:

@@ -190,6 +190,7 @@ def stats(app: web.Application) -> dict[str, object]:
         "fills_in_flight": sample(FILLS_IN_FLIGHT),
         "evictions": sample(CACHE_EVICTIONS),
         "evicted_bytes": sample(CACHE_EVICTED_BYTES),
+        "cluster": app[CLUSTER].state(),
         "prefetch": {
             "bytes": sample(PREFETCHED_BYTES),
             "useful_bytes": sample(PREFETCH_USEFUL_BYTES),
