@@ -23,11 +23,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import boto3
-from botocore.config import Config
-
 from s3cache.config import parse_size
-from s3cache.sandbox.proxy import S3CacheProcess
+from s3cache.sandbox.proxy import S3CacheProcess, client_of
 from s3cache.sandbox.relay import Relay
 from s3cache.sandbox.seaweed import SeaweedS3
 
@@ -36,15 +33,7 @@ BUCKET = "bench-cluster"
 
 
 def client(endpoint: str, upstream: SeaweedS3) -> Any:
-    return boto3.session.Session(
-        aws_access_key_id=upstream.access_key,
-        aws_secret_access_key=upstream.secret_key,
-        region_name=upstream.region,
-    ).client(
-        "s3",
-        endpoint_url=endpoint,
-        config=Config(s3={"addressing_style": "path"}, max_pool_connections=READERS),
-    )
+    return client_of(endpoint, upstream, max_pool_connections=READERS)
 
 
 def start_nodes(

@@ -12,10 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import boto3
-from botocore.config import Config
-
-from s3cache.sandbox.proxy import S3CacheProcess
+from s3cache.sandbox.proxy import S3CacheProcess, client_of
 from s3cache.sandbox.relay import Relay
 from s3cache.sandbox.seaweed import SeaweedS3
 
@@ -68,19 +65,8 @@ class Cached:
 
 
 def _client(endpoint_url: str, upstream: SeaweedS3, **config: Any) -> Any:
-    return boto3.session.Session(
-        aws_access_key_id=upstream.access_key,
-        aws_secret_access_key=upstream.secret_key,
-        region_name=upstream.region,
-    ).client(
-        "s3",
-        endpoint_url=endpoint_url,
-        config=Config(
-            s3={"addressing_style": "path"},
-            retries={"max_attempts": 1},
-            max_pool_connections=64,
-            **config,
-        ),
+    return client_of(
+        endpoint_url, upstream, retries={"max_attempts": 1}, max_pool_connections=64, **config
     )
 
 

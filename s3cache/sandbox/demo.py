@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from s3cache.config import parse_size
-from s3cache.sandbox.proxy import S3CacheProcess
+from s3cache.sandbox.proxy import S3CacheProcess, client_of
 from s3cache.sandbox.relay import Relay
 from s3cache.sandbox.seaweed import SeaweedS3
 
@@ -53,8 +53,13 @@ def run_demo(objects: int, object_size: str) -> int:
                     f"response, {WAN_BANDWIDTH / 1e6:.0f} MB/s per connection"
                 )
                 _say(f"s3cache ready at {proxy.endpoint_url}, in front of the WAN link")
-                _read_epoch(_client(wan.endpoint_url, upstream), "direct over the WAN", digests)
-                client = _client(proxy.endpoint_url, upstream)
+                _read_epoch(
+                    client_of(wan.endpoint_url, upstream, max_pool_connections=READERS),
+                    "direct over the WAN",
+                    digests,
+                )
+                # The only change a training job makes: endpoint_url points at s3cache.
+                client = client_of(proxy.endpoint_url, upstream, max_pool_connections=READERS)
                 for epoch in range(1, EPOCHS + 1):
                     label = f"epoch {epoch} via s3cache ({'cold' if epoch == 1 else 'warm'})"
                     before = _stats(proxy.endpoint_url)
@@ -75,22 +80,6 @@ def _make_dataset(upstream: SeaweedS3, objects: int, size: int) -> dict[str, str
         digests[key] = hashlib.sha256(body).hexdigest()
     _say(f"dataset: {objects} objects x {size / 2**20:.1f} MiB in s3://{BUCKET}/train/")
     return digests
-
-
-def _client(endpoint_url: str, upstream: SeaweedS3) -> Any:
-    import boto3
-    from botocore.config import Config
-
-    # The only change a training job makes: endpoint_url points at s3cache.
-    return boto3.session.Session(
-        aws_access_key_id=upstream.access_key,
-        aws_secret_access_key=upstream.secret_key,
-        region_name=upstream.region,
-    ).client(
-        "s3",
-        endpoint_url=endpoint_url,
-        config=Config(s3={"addressing_style": "path"}, max_pool_connections=READERS),
-    )
 
 
 def _read_epoch(client: Any, label: str, digests: dict[str, str], seed: int = 0) -> None:

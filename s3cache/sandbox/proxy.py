@@ -14,7 +14,7 @@ import time
 import urllib.request
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Protocol
+from typing import IO, Any, Protocol
 
 
 class UpstreamServer(Protocol):
@@ -26,6 +26,24 @@ class UpstreamServer(Protocol):
     def secret_key(self) -> str: ...
     @property
     def region(self) -> str: ...
+
+
+def client_of(endpoint_url: str, upstream: UpstreamServer, **config: Any) -> Any:
+    """A boto3 S3 client with the upstream's keys and region, pointed at
+    ``endpoint_url`` (s3cache, a relay, a peer), path-style; ``config``: more
+    botocore Config options."""
+    import boto3
+    from botocore.config import Config
+
+    return boto3.session.Session(
+        aws_access_key_id=upstream.access_key,
+        aws_secret_access_key=upstream.secret_key,
+        region_name=upstream.region,
+    ).client(
+        "s3",
+        endpoint_url=endpoint_url,
+        config=Config(s3={"addressing_style": "path"}, **config),
+    )
 
 
 def free_port() -> int:
