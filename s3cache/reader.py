@@ -12,6 +12,7 @@ import logging
 import math
 import time
 from datetime import datetime
+from functools import lru_cache
 
 from aiohttp import web
 
@@ -137,7 +138,7 @@ class Reader:
     ) -> web.StreamResponse:
         meta = entry.meta
         self._store.touch(entry)
-        modified = parse_http_date(meta.last_modified) or datetime.fromtimestamp(0).astimezone()
+        modified = _last_modified(meta.last_modified)
         precondition = evaluate(request.headers, meta.etag, modified)
         if precondition is Precondition.FAILED:
             _count(request, CacheOutcome.NOT_MODIFIED)
@@ -159,7 +160,7 @@ class Reader:
             query,
             checksum_mode=request.headers.get("x-amz-checksum-mode", "").upper() == "ENABLED",
         )
-        response = web.StreamResponse(status=206 if byte_range else 200, headers=headers)
+        response = _CoalescedResponse(status=206 if byte_range else 200, headers=headers)
         span = byte_range or ByteRange(0, meta.size - 1)
         response.content_length = span.length if meta.size else 0
         if request.method == "HEAD" or not meta.size:
@@ -262,6 +263,21 @@ class Reader:
             log.warning("aborting a response: uncached stream failed: %s", exc)
             abort(request)
             return False
+
+
+class _CoalescedResponse(web.StreamResponse):
+    """A response whose head leaves with the first body bytes, in one write, as
+    aiohttp's own ``web.Response`` does: a small hit is then one system call and one
+    segment instead of two. (The body is ready when the reader prepares the response,
+    so holding the head back delays nothing.)"""
+
+    _send_headers_immediately = False
+
+
+@lru_cache(maxsize=4096)
+def _last_modified(text: str) -> datetime:
+    """An entry's Last-Modified as a datetime (the epoch if it cannot be read)."""
+    return parse_http_date(text) or datetime.fromtimestamp(0).astimezone()
 
 
 def _count(request: web.Request, outcome: CacheOutcome) -> None:

@@ -572,3 +572,45 @@ def test_tls_takes_the_fallback(
 def test_set_mode_rejects_unknown() -> None:
     with pytest.raises(ValueError):
         sendfile.set_mode("splice")  # type: ignore[arg-type]
+
+
+@LOOPS
+def test_auto_sends_small_cached_ranges_from_the_loop(
+    root: Path, files: dict[str, bytes], auto_mode: None, loop_factory: LoopFactory
+) -> None:
+    """A small range whose pages are cached is read on the loop (RWF_NOWAIT), without a
+    worker; the same range once dropped from the page cache takes the zero-copy path."""
+    if not hasattr(os, "RWF_NOWAIT"):
+        pytest.skip("no RWF_NOWAIT on this platform")
+    probe = os.open(root / "small", os.O_RDONLY)
+    try:
+        os.preadv(probe, [bytearray(1)], 0, os.RWF_NOWAIT)
+    except OSError:
+        pytest.skip("this filesystem has no RWF_NOWAIT")
+    finally:
+        os.close(probe)
+    with blockbuster_ctx(), Server(root, loop_factory=loop_factory) as server:
+        before = sendfile.stats()
+        assert fetch(server, "/file/small") == files["small"]
+        # The books close just after the client has the bytes.
+        wait_for(lambda: sendfile.stats().inline_bytes - before.inline_bytes == len(files["small"]))
+        assert sendfile.stats().zero_copy_bytes == before.zero_copy_bytes
+
+        fd = os.open(root / "small", os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+        before = sendfile.stats()
+        assert fetch(server, "/file/small") == files["small"]
+        # Pages the kernel kept anyway go inline; the rest goes zero-copy.
+        wait_for(
+            lambda: (
+                (s := sendfile.stats()).inline_bytes
+                + s.zero_copy_bytes
+                - before.inline_bytes
+                - before.zero_copy_bytes
+                == len(files["small"])
+            )
+        )
+    assert server.loop_errors == []

@@ -84,6 +84,8 @@ MAX_PRESIGNED_EXPIRES = 604800
 Headers = Mapping[str, str] | Iterable[tuple[str, str]]
 
 _TIMESTAMP = re.compile(r"\d{8}T\d{6}Z")
+# Bytes UriEncode leaves alone, and "/" (which it leaves alone only in a path).
+_UNRESERVED = re.compile(rb"[A-Za-z0-9\-._~/]*")
 _TIMESTAMP_FORMAT = "%Y%m%dT%H%M%SZ"
 _SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
 _QUERY_AUTH_PARAMS = (
@@ -96,6 +98,7 @@ _QUERY_AUTH_PARAMS = (
 )
 # Signature Version 2, which S3 still names in its "not supported" answer.
 _SIGV2_QUERY_PARAMS = frozenset({"AWSAccessKeyId", "Signature"})
+_ANY_QUERY_AUTH_PARAMS = frozenset(_QUERY_AUTH_PARAMS) | _SIGV2_QUERY_PARAMS
 
 _NOT_SIGNED = "There were headers present in the request which were not signed"
 _UNSUPPORTED = (
@@ -181,10 +184,14 @@ class _Signed:
 def is_anonymous(raw_path: str, headers: Headers) -> bool:
     """True if the request carries no signature of any kind (no Authorization header, no
     SigV4 or SigV2 query authentication)."""
-    if _header_values(headers, "authorization"):
+    pairs = headers.items() if isinstance(headers, Mapping) else headers
+    if any(name.lower() == "authorization" for name, _ in pairs):
         return False
-    names = {_text(name) for name, _ in _split_query(raw_path.partition("?")[2])}
-    return not (names & (set(_QUERY_AUTH_PARAMS) | _SIGV2_QUERY_PARAMS))
+    raw_query = raw_path.partition("?")[2]
+    if not raw_query:
+        return True
+    names = {_text(name) for name, _ in _split_query(raw_query)}
+    return not (names & _ANY_QUERY_AUTH_PARAMS)
 
 
 def verify_request(
@@ -448,8 +455,16 @@ def _header_time(header_map: dict[str, list[str]]) -> tuple[str, datetime] | Non
 def _parse_timestamp(value: str) -> datetime | None:
     if not _TIMESTAMP.fullmatch(value):
         return None
-    try:
-        return datetime.strptime(value, _TIMESTAMP_FORMAT).replace(tzinfo=UTC)
+    try:  # by hand: datetime.strptime costs more than the rest of a verification
+        return datetime(
+            int(value[0:4]),
+            int(value[4:6]),
+            int(value[6:8]),
+            int(value[9:11]),
+            int(value[11:13]),
+            int(value[13:15]),
+            tzinfo=UTC,
+        )
     except ValueError:
         return None
 
@@ -559,22 +574,30 @@ def _canonical_targets(
     if presigned:
         query = [(n, v) for n, v in query if _decode(n) != b"X-Amz-Signature"]
     s3_form = (
-        _uri_encode(_decode(path), safe="/"),
-        "&".join(
-            f"{n}={v}"
-            for n, v in sorted((_uri_encode(_decode(n)), _uri_encode(_decode(v))) for n, v in query)
-        ),
+        _canonical(path, "/"),
+        "&".join(f"{n}={v}" for n, v in sorted((_canonical(n), _canonical(v)) for n, v in query)),
     )
     wire_form = (path, "&".join(f"{n}={v}" for n, v in sorted(query)))
     return [s3_form] if wire_form == s3_form else [s3_form, wire_form]
 
 
+@lru_cache(maxsize=8192)
+def _canonical(raw: str, safe: str = "") -> str:
+    """A received path or query component in UriEncode form. Cached: most components
+    repeat from request to request (parameter names, credential, expiry, hot keys)."""
+    return _uri_encode(_decode(raw), safe=safe)
+
+
 def _text(raw: str) -> str:
+    if "%" not in raw and raw.isascii():
+        return raw
     return _decode(raw).decode("utf-8", "surrogateescape")
 
 
 def _decode(text: str) -> bytes:
     """Percent-decode to bytes."""
+    if "%" not in text and text.isascii():
+        return text.encode("ascii")
     return unquote_to_bytes(_wire(text))
 
 
@@ -590,6 +613,8 @@ def _wire(text: str) -> bytes:
 
 def _uri_encode(raw: bytes, safe: str = "") -> str:
     """AWS's UriEncode: every byte but A-Z a-z 0-9 - . _ ~ (and ``safe``) as %XX."""
+    if _UNRESERVED.fullmatch(raw) and ("/" in safe or b"/" not in raw):
+        return raw.decode("ascii")  # nothing to encode (the common case)
     return quote(raw, safe=safe)
 
 
