@@ -19,7 +19,7 @@ import uvloop
 from aiohttp.http_exceptions import HttpProcessingError
 
 from s3cache import __version__
-from s3cache.config import ConfigError, Settings, add_arguments, load_settings
+from s3cache.config import ConfigError, Settings, WorkerRole, add_arguments, load_settings
 
 PROGRESS_SECONDS = 0.5
 
@@ -72,15 +72,24 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"s3cache: {exc}", file=sys.stderr)
         return 2
-    return _serve(settings, lambda: load_settings(args))
+    role = WorkerRole.from_environment()
+    if settings.workers > 1 and role is None:
+        from s3cache.supervisor import Supervisor
+
+        logging.basicConfig(
+            level=settings.log_level.upper(),
+            format="%(asctime)s %(levelname)s %(name)s %(message)s",
+        )
+        return Supervisor(settings, sys.argv[1:] if argv is None else argv).run()
+    return _serve(settings, lambda: load_settings(args), role)
 
 
-def _serve(settings: Settings, reload: Callable[[], Settings]) -> int:
+def _serve(settings: Settings, reload: Callable[[], Settings], role: WorkerRole | None) -> int:
     from s3cache.server.app import serve
 
     listener = _log_off_the_loop(settings.log_level)
     try:
-        uvloop.run(serve(settings, reload))
+        uvloop.run(serve(settings, reload, role))
     finally:
         listener.stop()
     return 0

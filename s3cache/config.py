@@ -19,7 +19,7 @@ import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 ENV_PREFIX = "S3CACHE_"
 
@@ -399,6 +399,12 @@ class Settings:
         parse_duration,
         "time to connect to a peer, or for its health check, before it is taken as down",
     )
+    workers: int = _setting(
+        1,
+        _positive_int,
+        "processes serving the port (SO_REUSEPORT): one owns the cache and fills it, the "
+        "others serve its complete objects and pass everything else to it",
+    )
     debug_blocking: bool = _setting(
         False,
         parse_bool,
@@ -423,6 +429,8 @@ class Settings:
             raise ConfigError("peers: a cluster needs advertise_url and cluster_secret")
         if self.peers and self.advertise_url and self.advertise_url.rstrip("/") not in self.peers:
             raise ConfigError("advertise_url: must be one of peers")
+        if self.workers > 1 and (self.peers or self.peers_dns):
+            raise ConfigError("workers: several workers per node do not combine with peers yet")
 
     def ttl_for(self, bucket: str, key: str) -> float:
         """Seconds an entry of bucket/key stays fresh (``math.inf``: immutable)."""
@@ -540,6 +548,38 @@ def _read_toml(path: Path) -> dict[str, Any]:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config: {path} is not valid TOML: {exc}") from exc
     return {key.replace("-", "_"): value for key, value in data.items()}
+
+
+@dataclass(frozen=True)
+class WorkerRole:
+    """What ``s3cache serve --workers N`` tells each worker process it starts, in the
+    environment (internal: not settings). Worker 0 owns the cache; the others reach it
+    at ``primary_url`` and sign what they send it with ``secret``."""
+
+    index: int
+    primary_url: str
+    secret: str
+
+    ENV: ClassVar[tuple[str, str, str]] = (
+        "S3CACHE_INTERNAL_WORKER_INDEX",
+        "S3CACHE_INTERNAL_WORKER_PRIMARY",
+        "S3CACHE_INTERNAL_WORKER_SECRET",
+    )
+
+    @classmethod
+    def from_environment(cls, environ: Mapping[str, str] | None = None) -> WorkerRole | None:
+        environ = os.environ if environ is None else environ
+        index, primary, secret = (environ.get(name) for name in cls.ENV)
+        if index is None or primary is None or secret is None:
+            return None
+        return cls(int(index), primary, secret)
+
+    def environment(self) -> dict[str, str]:
+        return dict(zip(self.ENV, (str(self.index), self.primary_url, self.secret), strict=True))
+
+    @property
+    def primary(self) -> bool:
+        return self.index == 0
 
 
 def _parse_all(raw: dict[str, tuple[str, Any]]) -> dict[str, Any]:

@@ -3,13 +3,33 @@ below): never a bucket name or a key.
 
 Names follow Prometheus conventions: ``_total`` for counters, ``_bytes`` and
 ``_seconds`` units.
+
+With several worker processes (``workers``), ``s3cache serve`` points every worker at
+one directory in ``PROMETHEUS_MULTIPROC_DIR`` before they start: prometheus-client then
+keeps each process's values in a file there, and the exposition and :func:`snapshot`
+add them up across the workers (counters and histograms of workers that exited
+included; gauges of live workers only, summed). One scrape sees the whole node.
 """
 
 from __future__ import annotations
 
 import enum
+import os
+from typing import Final
 
-from prometheus_client import REGISTRY, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.multiprocess import MultiProcessCollector
+
+MULTIPROCESS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
+# Gauges with several workers: the sum over the live ones (only the primary sets them).
+_LIVE_SUM: Final = "livesum"
 
 
 class CacheOutcome(enum.Enum):
@@ -116,11 +136,19 @@ UPSTREAM_BLOCK_FETCHES = Counter(
 UPSTREAM_FILL_BYTES = Counter(
     "s3cache_upstream_fill_bytes_total", "Bytes received from the upstream into the cache"
 )
-CACHE_CAPACITY = Gauge("s3cache_cache_capacity_bytes", "Configured cache size")
-CACHE_USED = Gauge("s3cache_cache_used_bytes", "Bytes of blocks held in the cache")
-CACHE_ENTRIES = Gauge("s3cache_cache_entries", "Objects held in the cache")
+CACHE_CAPACITY = Gauge(
+    "s3cache_cache_capacity_bytes", "Configured cache size", multiprocess_mode=_LIVE_SUM
+)
+CACHE_USED = Gauge(
+    "s3cache_cache_used_bytes", "Bytes of blocks held in the cache", multiprocess_mode=_LIVE_SUM
+)
+CACHE_ENTRIES = Gauge(
+    "s3cache_cache_entries", "Objects held in the cache", multiprocess_mode=_LIVE_SUM
+)
 CACHE_DEGRADED = Gauge(
-    "s3cache_cache_degraded", "1 while the cache cannot write to one of its directories"
+    "s3cache_cache_degraded",
+    "1 while the cache cannot write to one of its directories",
+    multiprocess_mode=_LIVE_SUM,
 )
 CACHE_WRITE_ERRORS = Counter(
     "s3cache_cache_write_errors_total", "Failed writes to the cache directories"
@@ -131,7 +159,9 @@ CORRUPT_BLOCKS = Counter(
 SCRUBBED_BYTES = Counter("s3cache_scrubbed_bytes_total", "Bytes checked by the scrubber")
 CACHE_EVICTIONS = Counter("s3cache_cache_evictions_total", "Entries evicted")
 CACHE_EVICTED_BYTES = Counter("s3cache_cache_evicted_bytes_total", "Bytes evicted")
-FILLS_IN_FLIGHT = Gauge("s3cache_fills_in_flight", "Block fetches in flight")
+FILLS_IN_FLIGHT = Gauge(
+    "s3cache_fills_in_flight", "Block fetches in flight", multiprocess_mode=_LIVE_SUM
+)
 COALESCED_WAITERS = Counter(
     "s3cache_coalesced_waiters_total",
     "Reads that waited on a block fetch started by another request (single-flight)",
@@ -141,7 +171,9 @@ REVALIDATIONS = Counter(
 )
 
 
-PREFETCH_QUEUE_DEPTH = Gauge("s3cache_prefetch_queue_depth", "Prefetch items waiting")
+PREFETCH_QUEUE_DEPTH = Gauge(
+    "s3cache_prefetch_queue_depth", "Prefetch items waiting", multiprocess_mode=_LIVE_SUM
+)
 PREFETCHED_BYTES = Counter("s3cache_prefetched_bytes_total", "Bytes brought in by prefetch")
 PREFETCH_USEFUL_BYTES = Counter(
     "s3cache_prefetch_useful_bytes_total", "Prefetched bytes later read by a client"
@@ -157,8 +189,8 @@ PREFETCH_LEAD = Histogram(
 
 
 def sample(metric: Counter | Gauge, **labels: str) -> float:
-    """The current value of one of the metrics above (0 if never set). Reads only
-    that metric: no collector of the registry (some read /proc) runs."""
+    """The current value of one of the metrics above in this process (0 if never set).
+    Reads only that metric: no collector of the registry (some read /proc) runs."""
     for family in metric.collect():
         for point in family.samples:
             if point.name.endswith("_created"):
@@ -168,6 +200,40 @@ def sample(metric: Counter | Gauge, **labels: str) -> float:
     return 0.0
 
 
+def multiprocess() -> bool:
+    return bool(os.environ.get(MULTIPROCESS_DIR_ENV))
+
+
+def _registry() -> CollectorRegistry:
+    if not multiprocess():
+        return REGISTRY
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+    return registry
+
+
+class Snapshot:
+    """Values of the metrics above, across every worker process (blocking in
+    multi-process mode: it reads the workers' files). Take it off the event loop."""
+
+    def __init__(self) -> None:
+        self._values: dict[tuple[str, frozenset[tuple[str, str]]], float] | None = None
+        if multiprocess():
+            self._values = {
+                (point.name, frozenset(point.labels.items())): float(point.value)
+                for family in _registry().collect()
+                for point in family.samples
+            }
+
+    def value(self, metric: Counter | Gauge, **labels: str) -> float:
+        if self._values is None:
+            return sample(metric, **labels)
+        family = next(iter(metric.describe()))
+        name = family.name + "_total" if family.type == "counter" else family.name
+        return self._values.get((name, frozenset(labels.items())), 0.0)
+
+
 def exposition() -> bytes:
-    """The Prometheus text format of every metric (blocking: /proc is read)."""
-    return generate_latest(REGISTRY)
+    """The Prometheus text format of every metric, of every worker process (blocking:
+    /proc or the workers' files are read)."""
+    return generate_latest(_registry())

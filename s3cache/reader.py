@@ -28,13 +28,15 @@ from s3cache.s3.objectmeta import RESPONSE_OVERRIDES, not_modified_headers, obje
 from s3cache.s3.ranges import ByteRange, is_multi_range, parse_range
 from s3cache.sendfile import send_file_range
 from s3cache.store.cache import CacheStore, CacheWriteError
-from s3cache.store.entry import Entry
+from s3cache.store.entry import Entry, ObjectMeta
 from s3cache.upstream import Upstream, UpstreamBroken, iter_body
 
 log = logging.getLogger(__name__)
 
 # How the reader answered a request: read by the server's metrics and access log.
 OUTCOME = web.RequestKey("outcome", CacheOutcome)
+# The entry a cacheable read was answered from.
+ENTRY = web.RequestKey("entry", Entry)
 
 # Query parameters of a plain GetObject/HeadObject: anything else is another operation
 # (?tagging, ?acl, ?attributes…) or a read the cache cannot answer (?versionId,
@@ -79,7 +81,7 @@ class Reader:
         for _ in range(FETCH_ATTEMPTS):
             entry, opened = await self._entry(request, address.bucket, address.key)
             if isinstance(entry, web.StreamResponse):
-                _count(request, CacheOutcome.BYPASS)
+                count_read(request, CacheOutcome.BYPASS)
                 return entry
             if entry is None:
                 return await self._bypass(request, address)
@@ -93,7 +95,7 @@ class Reader:
         return await self._bypass(request, address)
 
     async def _bypass(self, request: web.Request, address: S3Address) -> web.StreamResponse:
-        _count(request, CacheOutcome.BYPASS)
+        count_read(request, CacheOutcome.BYPASS)
         return await forward(request, address, self._upstream)
 
     async def _entry(
@@ -138,31 +140,11 @@ class Reader:
     ) -> web.StreamResponse:
         meta = entry.meta
         self._store.touch(entry)
-        modified = _last_modified(meta.last_modified)
-        precondition = evaluate(request.headers, meta.etag, modified)
-        if precondition is Precondition.FAILED:
-            _count(request, CacheOutcome.NOT_MODIFIED)
-            raise PreconditionFailed(
-                "At least one of the pre-conditions you specified did not hold"
-            )
-        if precondition is Precondition.NOT_MODIFIED:
-            _count(request, CacheOutcome.NOT_MODIFIED)
-            return web.Response(status=304, headers=not_modified_headers(meta))
-        try:
-            byte_range = parse_range(request.headers.get("Range"), meta.size)
-        except InvalidRange as exc:
-            exc.headers["Content-Range"] = f"bytes */{meta.size}"
-            raise
-        query = dict(address.query)
-        headers = object_headers(
-            meta,
-            byte_range,
-            query,
-            checksum_mode=request.headers.get("x-amz-checksum-mode", "").upper() == "ENABLED",
-        )
-        response = _CoalescedResponse(status=206 if byte_range else 200, headers=headers)
-        span = byte_range or ByteRange(0, meta.size - 1)
-        response.content_length = span.length if meta.size else 0
+        request[ENTRY] = entry
+        response, span = response_for(request, address, meta)
+        if response.status == 304:
+            count_read(request, CacheOutcome.NOT_MODIFIED)
+            return response
         if request.method == "HEAD" or not meta.size:
             outcome = CacheOutcome.MISS if opened else CacheOutcome.HIT
             await response.prepare(request)
@@ -180,7 +162,7 @@ class Reader:
                 return response
             SERVED_BYTES.labels(ByteSource.CACHE.value).inc(from_cache)
             SERVED_BYTES.labels(ByteSource.UPSTREAM.value).inc(span.length - from_cache)
-        _count(request, outcome)
+        count_read(request, outcome)
         return response
 
     async def _first_bytes_ready(self, entry: Entry, offset: int, end: int) -> None:
@@ -265,6 +247,36 @@ class Reader:
             return False
 
 
+def response_for(
+    request: web.Request, address: S3Address, meta: ObjectMeta
+) -> tuple[web.StreamResponse, ByteRange]:
+    """The answer to a GET/HEAD of a cached object version, not yet prepared: a 304, or
+    a 200/206 with its headers and the bytes its body needs. Raises PreconditionFailed
+    (counted as answered from metadata) and InvalidRange."""
+    modified = _last_modified(meta.last_modified)
+    precondition = evaluate(request.headers, meta.etag, modified)
+    if precondition is Precondition.FAILED:
+        count_read(request, CacheOutcome.NOT_MODIFIED)
+        raise PreconditionFailed("At least one of the pre-conditions you specified did not hold")
+    if precondition is Precondition.NOT_MODIFIED:
+        return web.Response(status=304, headers=not_modified_headers(meta)), ByteRange(0, -1)
+    try:
+        byte_range = parse_range(request.headers.get("Range"), meta.size)
+    except InvalidRange as exc:
+        exc.headers["Content-Range"] = f"bytes */{meta.size}"
+        raise
+    headers = object_headers(
+        meta,
+        byte_range,
+        dict(address.query),
+        checksum_mode=request.headers.get("x-amz-checksum-mode", "").upper() == "ENABLED",
+    )
+    response = _CoalescedResponse(status=206 if byte_range else 200, headers=headers)
+    span = byte_range or ByteRange(0, meta.size - 1)
+    response.content_length = span.length if meta.size else 0
+    return response, span
+
+
 class _CoalescedResponse(web.StreamResponse):
     """A response whose head leaves with the first body bytes, in one write, as
     aiohttp's own ``web.Response`` does: a small hit is then one system call and one
@@ -280,7 +292,7 @@ def _last_modified(text: str) -> datetime:
     return parse_http_date(text) or datetime.fromtimestamp(0).astimezone()
 
 
-def _count(request: web.Request, outcome: CacheOutcome) -> None:
+def count_read(request: web.Request, outcome: CacheOutcome) -> None:
     request[OUTCOME] = outcome
     CACHE_READS.labels(outcome.value).inc()
 

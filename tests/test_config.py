@@ -103,6 +103,13 @@ def test_config_file_from_environment(tmp_path: Path) -> None:
         ([], {}, "no_such_setting = 1\n", "no_such_setting in"),
         (["--listen", "nowhere"], {}, "", "--listen"),
         (["--upstream-addressing", "sideways"], {}, "", "--upstream-addressing"),
+        (["--workers", "0"], {}, "", "--workers"),
+        (
+            ["--workers", "2", "--peers", "http://a:1", "--advertise-url", "http://a:1"],
+            {"S3CACHE_CLUSTER_SECRET": "s"},
+            "",
+            "workers: several workers per node do not combine with peers",
+        ),
     ],
 )
 def test_bad_values_name_the_setting(

@@ -11,6 +11,7 @@ import ssl
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 from types import TracebackType
@@ -136,6 +137,10 @@ class S3CacheProcess:
                     f"{self.endpoint_url}/_s3cache/healthz", timeout=1, context=self._tls
                 ):
                     return
+            except urllib.error.HTTPError as exc:
+                exc.close()  # an answer, not yet healthy (a worker whose primary is starting)
+                last_error = exc
+                time.sleep(0.05)
             except OSError as exc:
                 last_error = exc
                 time.sleep(0.05)

@@ -33,11 +33,21 @@ from s3cache.metrics import (
     UPSTREAM_BLOCK_FETCHES,
     ByteSource,
     CacheOutcome,
+    Snapshot,
     exposition,
-    sample,
 )
 from s3cache.s3.addressing import validate_bucket
-from s3cache.server.keys import AUTH, CLUSTER, FILLER, LIVE_SETTINGS, PREFETCHER, STORE, UPSTREAM
+from s3cache.server.keys import (
+    AUTH,
+    CLUSTER,
+    FILLER,
+    HUB,
+    LIVE_SETTINGS,
+    PREFETCHER,
+    STORE,
+    UPSTREAM,
+)
+from s3cache.server.workerlink import VIA_WORKER
 
 ADMIN_PREFIX = "/_s3cache/"
 MAX_ADMIN_BODY = 64 * 1024 * 1024  # a manifest of a few hundred thousand keys
@@ -56,6 +66,9 @@ async def handle_admin(request: web.Request, name: str) -> web.StreamResponse:
         for key in keys:
             await app[FILLER].invalidate(change["bucket"], key)
         return web.json_response({"invalidated": len(keys)})
+    hub = app.get(HUB)
+    if name == "worker/channel" and hub is not None and VIA_WORKER in request:
+        return await hub.channel(request, request[VIA_WORKER])
     _check_access(request, name)
     if name.startswith("jobs/"):
         return _job(request, name.removeprefix("jobs/"))
@@ -68,7 +81,8 @@ async def handle_admin(request: web.Request, name: str) -> web.StreamResponse:
             {"ready": not problems, "problems": problems}, status=503 if problems else 200
         )
     if route == ("GET", "stats"):
-        return web.json_response(stats(app))
+        values = await asyncio.get_running_loop().run_in_executor(None, Snapshot)
+        return web.json_response(stats(app, values))
     if route == ("GET", "metrics"):
         body = await asyncio.get_running_loop().run_in_executor(None, exposition)
         return web.Response(body=body, content_type="text/plain", charset="utf-8")
@@ -171,8 +185,10 @@ async def readiness_problems(app: web.Application) -> dict[str, str]:
     return problems
 
 
-def stats(app: web.Application) -> dict[str, object]:
-    """The cache at a glance, as JSON."""
+def stats(app: web.Application, values: Snapshot) -> dict[str, object]:
+    """The cache at a glance, as JSON (with several workers, the request counts of all
+    of them: ``values``)."""
+    sample = values.value
     store = app[STORE]
     reads = {outcome.value: sample(CACHE_READS, outcome=outcome.value) for outcome in CacheOutcome}
     served = {source.value: sample(SERVED_BYTES, source=source.value) for source in ByteSource}
@@ -191,6 +207,10 @@ def stats(app: web.Application) -> dict[str, object]:
         "evictions": sample(CACHE_EVICTIONS),
         "evicted_bytes": sample(CACHE_EVICTED_BYTES),
         "cluster": app[CLUSTER].state(),
+        "workers": {
+            "count": app[LIVE_SETTINGS].current.workers,
+            "secondaries": hub.state() if (hub := app.get(HUB)) is not None else {},
+        },
         "prefetch": {
             "bytes": sample(PREFETCHED_BYTES),
             "useful_bytes": sample(PREFETCH_USEFUL_BYTES),

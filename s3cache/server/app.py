@@ -11,25 +11,30 @@ from collections.abc import AsyncIterator, Callable
 from aiohttp import web
 
 from s3cache.cluster import Cluster
-from s3cache.config import RELOADABLE, ConfigError, LiveSettings, Settings
+from s3cache.config import RELOADABLE, ConfigError, LiveSettings, Settings, WorkerRole
 from s3cache.fill import Filler
 from s3cache.listing import ListingCache
 from s3cache.prefetch import Prefetcher
 from s3cache.reader import Reader
 from s3cache.server.auth import Authenticator
 from s3cache.server.handlers import handle
+from s3cache.server.hub import WorkerHub
 from s3cache.server.keys import (
     AUTH,
     CLUSTER,
     FILLER,
+    HUB,
     LISTINGS,
     LIVE_SETTINGS,
     PREFETCHER,
     READER,
+    ROLE,
     STORE,
     UPSTREAM,
 )
 from s3cache.server.middleware import observe, on_response_prepare
+from s3cache.server.secondary import handle_secondary, secondary_components
+from s3cache.server.workerlink import WorkerSigner, unix_path
 from s3cache.store.cache import CacheStore
 from s3cache.upstream import Upstream
 
@@ -45,13 +50,18 @@ LISTEN_BACKLOG = 4096
 MAX_HEADERS = 100
 
 
-def make_app(settings: LiveSettings) -> web.Application:
+def make_app(settings: LiveSettings, role: WorkerRole | None = None) -> web.Application:
+    """The application; with several workers (``role``), the primary's (the cache
+    itself, and the hub its secondaries link to) or a secondary's."""
     app = web.Application(middlewares=[observe], client_max_size=0)
     app[LIVE_SETTINGS] = settings
-    app.cleanup_ctx.append(_components)
+    secondary = role is not None and not role.primary
+    if role is not None:
+        app[ROLE] = role
+    app.cleanup_ctx.append(secondary_components if secondary else _components)
     app.on_response_prepare.append(on_response_prepare)
     # Any path at all: keys may hold newlines, which "." does not match.
-    app.router.add_route("*", r"/{tail:[\s\S]*}", handle)
+    app.router.add_route("*", r"/{tail:[\s\S]*}", handle_secondary if secondary else handle)
     return app
 
 
@@ -77,6 +87,9 @@ async def _components(app: web.Application) -> AsyncIterator[None]:
     await cluster.start()
     app[CLUSTER] = cluster
     app[READER] = Reader(live, store, filler, upstream, prefetcher)
+    role = app.get(ROLE)
+    if role is not None:
+        app[HUB] = WorkerHub(WorkerSigner(role.secret), store, prefetcher)
     try:
         yield
     finally:
@@ -90,12 +103,15 @@ async def _components(app: web.Application) -> AsyncIterator[None]:
 async def serve(
     settings: Settings,
     reload: Callable[[], Settings] | None = None,
+    role: WorkerRole | None = None,
 ) -> None:
     """Serve until SIGTERM/SIGINT, then stop accepting and drain in-flight requests.
-    SIGHUP re-reads the settings with ``reload`` and applies the reloadable ones."""
+    SIGHUP re-reads the settings with ``reload`` and applies the reloadable ones.
+    With ``role``, this is one of several workers sharing the ports (SO_REUSEPORT); the
+    primary also listens on the Unix socket its secondaries reach it at."""
     live = LiveSettings(settings)
     runner = web.AppRunner(
-        make_app(live),
+        make_app(live, role),
         access_log=None,
         shutdown_timeout=DRAIN_SECONDS,
         # Bodies pass through as they came: a gzip object is stored gzipped.
@@ -110,10 +126,18 @@ async def serve(
     tls = _tls_context(settings)
     for host, port in filter(None, (settings.listen, settings.admin_listen)):
         site = web.TCPSite(
-            runner, host, port, reuse_address=True, ssl_context=tls, backlog=LISTEN_BACKLOG
+            runner,
+            host,
+            port,
+            reuse_address=True,
+            reuse_port=role is not None,
+            ssl_context=tls,
+            backlog=LISTEN_BACKLOG,
         )
         await site.start()
         log.info("s3cache listening on %s://%s:%d", "https" if tls else "http", host, port)
+    if role is not None and role.primary:
+        await web.UnixSite(runner, unix_path(role.primary_url), backlog=LISTEN_BACKLOG).start()
     if settings.debug_blocking:
         # Start-up may block (reading AWS config files, opening the index); serving
         # must not.

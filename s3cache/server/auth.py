@@ -24,6 +24,7 @@ from s3cache.errors import AccessDenied
 from s3cache.forward import BODY_TIMEOUT, VERIFIED
 from s3cache.s3.addressing import S3Address
 from s3cache.s3.sigv4 import is_anonymous, verify_request
+from s3cache.server.workerlink import CLIENT_ADDRESS
 from s3cache.upstream import Upstream
 
 ANONYMOUS = "anonymous"
@@ -112,8 +113,13 @@ def _covers(pattern: str, bucket: str, key: str, *, listing: bool = False) -> bo
 
 
 def _is_loopback(request: web.Request) -> bool:
-    peer = request.transport.get_extra_info("peername") if request.transport else None
+    """The client is on this host. (A request a secondary worker passed on carries its
+    client's address, checked by the worker signature.)"""
+    address = request.get(CLIENT_ADDRESS)
+    if address is None:
+        peer = request.transport.get_extra_info("peername") if request.transport else None
+        address = peer[0] if isinstance(peer, tuple) else None
     try:
-        return peer is not None and ipaddress.ip_address(peer[0]).is_loopback
+        return address is not None and ipaddress.ip_address(address).is_loopback
     except ValueError:
         return False

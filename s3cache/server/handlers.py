@@ -15,12 +15,22 @@ from s3cache.forward import (
     send_upstream,
 )
 from s3cache.metrics import SERVED_BYTES, ByteSource, CacheOutcome
-from s3cache.reader import OUTCOME, Reader
+from s3cache.reader import ENTRY, OUTCOME, Reader
 from s3cache.s3.addressing import S3Address, resolve
 from s3cache.s3.operations import Operation, classify
 from s3cache.server.admin import ADMIN_PREFIX, handle_admin
-from s3cache.server.keys import AUTH, CLUSTER, FILLER, LISTINGS, LIVE_SETTINGS, READER, UPSTREAM
+from s3cache.server.keys import (
+    AUTH,
+    CLUSTER,
+    FILLER,
+    HUB,
+    LISTINGS,
+    LIVE_SETTINGS,
+    READER,
+    UPSTREAM,
+)
 from s3cache.server.middleware import BUCKET, KEY_ID, OPERATION
+from s3cache.server.workerlink import VIA_WORKER
 
 # A DeleteObjects answer lists at most 1,000 keys: a few hundred KiB at the very most.
 PEER_KEY_ID = "peer"
@@ -30,6 +40,9 @@ MAX_DELETE_REQUEST_BYTES = 2 * 1024 * 1024
 
 async def handle(request: web.Request) -> web.StreamResponse:
     """The single entry point for every request on the S3 port."""
+    hub = request.app.get(HUB)
+    if hub is not None:
+        hub.signer.verify(request)  # a request a secondary worker passed on
     if request.raw_path.startswith(ADMIN_PREFIX):
         request[OPERATION] = Operation.ADMIN
         return await handle_admin(request, request.path[len(ADMIN_PREFIX) :])
@@ -55,7 +68,11 @@ async def handle(request: web.Request) -> web.StreamResponse:
                 request[OUTCOME] = CacheOutcome.PEER
                 SERVED_BYTES.labels(ByteSource.PEER.value).inc(answer.body_length)
                 return answer
-        return await app[READER].read(request, address)
+        answer = await app[READER].read(request, address)
+        entry = request.get(ENTRY)
+        if hub is not None and VIA_WORKER in request and entry is not None:
+            hub.announce(request[VIA_WORKER], entry)
+        return answer
     if request[OPERATION] is Operation.LIST and address.bucket is not None:
         return await app[LISTINGS].list(request, address)
     if request.method in ("GET", "HEAD", "OPTIONS") or address.bucket is None:
@@ -96,6 +113,9 @@ async def _invalidate(app: web.Application, bucket: str, keys: list[str]) -> Non
     for key in keys:
         await app[FILLER].invalidate(bucket, key)
     await app[CLUSTER].invalidate(bucket, keys)
+    hub = app.get(HUB)
+    if hub is not None:
+        await hub.sync()  # no secondary worker serves what the write changed
 
 
 async def _read_small_body(request: web.Request) -> bytes | None:

@@ -5,12 +5,13 @@ from __future__ import annotations
 from aiohttp import web
 
 from s3cache.cluster import Cluster
-from s3cache.config import LiveSettings
+from s3cache.config import LiveSettings, WorkerRole
 from s3cache.fill import Filler
 from s3cache.listing import ListingCache
 from s3cache.prefetch import Prefetcher
 from s3cache.reader import Reader
 from s3cache.server.auth import Authenticator
+from s3cache.server.hub import WorkerHub
 from s3cache.store.cache import CacheStore
 from s3cache.upstream import Upstream
 
@@ -23,3 +24,6 @@ READER = web.AppKey("reader", Reader)
 LISTINGS = web.AppKey("listings", ListingCache)
 AUTH = web.AppKey("auth", Authenticator)
 CLUSTER = web.AppKey("cluster", Cluster)
+# With several workers: this worker's role; on the primary, its side of the channel.
+ROLE = web.AppKey("role", WorkerRole)
+HUB = web.AppKey("hub", WorkerHub)

@@ -32,6 +32,8 @@ HEAD_SENT = web.RequestKey("head_sent", float)
 OPERATION = web.RequestKey("operation", Operation)
 BUCKET = web.RequestKey("bucket", str)
 KEY_ID = web.RequestKey("key_id", str)
+# Passed on to the primary worker, which counts and logs it.
+PROXIED = web.RequestKey("proxied", bool)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -86,6 +88,8 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 
 def _record(request: web.Request, response: web.StreamResponse | None) -> None:
+    if request.get(PROXIED):
+        return
     now = time.perf_counter()
     status = response.status if response is not None else None
     operation = request.get(OPERATION, Operation.OTHER)

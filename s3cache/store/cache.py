@@ -80,6 +80,9 @@ class CacheStore:
         # order): objects an epoch manifest needs soon stay.
         self.eviction_rank: Callable[[str, str], float] = lambda bucket, key: 0.0
         self.degraded = False  # a write to a cache dir failed since the last success
+        # Called with an entry's id when it can no longer be served whole: dropped,
+        # evicted, or a block found damaged (the worker hub tells the secondaries).
+        self.on_gone: list[Callable[[int], None]] = []
 
     # --- lifecycle ---------------------------------------------------------------
 
@@ -196,6 +199,7 @@ class CacheStore:
         if entry.dropped:
             return
         entry.dropped = True
+        self._gone(entry.id)
         unread = sum(entry.block_length(block) for block in entry.prefetched)
         if unread:
             PREFETCH_WASTED_BYTES.inc(unread)
@@ -214,6 +218,10 @@ class CacheStore:
         entry = await self.lookup(bucket, key)
         if entry is not None:
             await self.drop(entry)
+
+    def _gone(self, entry_id: int) -> None:
+        for listener in self.on_gone:
+            listener(entry_id)
 
     def _entry_from_row(self, row: EntryRow, *, entry_id: int | None = None) -> Entry:
         meta = ObjectMeta(
@@ -386,6 +394,7 @@ class CacheStore:
         """Forget one block whose bytes are damaged."""
         if entry.blocks.pop(block, None) is None:
             return
+        self._gone(entry.id)
         entry.verified.discard(block)
         CORRUPT_BLOCKS.inc()
         log.error(
@@ -456,6 +465,7 @@ class CacheStore:
             # A lookup of the row may be in flight: it must not load the entry whose
             # rows and file are going away.
             self._evicting.add(entry_id)
+            self._gone(entry_id)
             try:
                 await self._in_index_thread(self.index.delete, [entry_id])
                 self.used -= present

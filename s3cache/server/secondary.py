@@ -1,0 +1,364 @@
+"""A secondary worker (``s3cache serve --workers N``, see ``supervisor``).
+
+It shares the port with the primary and serves the reads it can answer alone: a GET or
+HEAD of an object the primary has announced on the channel (complete, every block
+checked, ``workerlink.Ready``) and still fresh by its TTL, signed by a key that may read
+it. Those bytes come straight from the primary's cache file, zero-copy. Every other
+request (misses, writes, listings, admin) goes to the primary over its Unix socket as
+it came, signature and body included, and its answer comes back as it is; the primary
+knows the client's address from the signed ``X-S3cache-Client`` header.
+
+The primary says when an announced object goes (``gone``) and, after a write, waits
+for this worker to confirm (``sync``) before the writer hears back. Without a channel
+(start-up, the primary restarting) this worker serves nothing itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import os
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import yarl
+from aiohttp import web
+from multidict import CIMultiDict
+
+from s3cache.config import LiveSettings, WorkerRole
+from s3cache.errors import AccessDenied, ServiceUnavailable
+from s3cache.forward import abort, response_headers
+from s3cache.metrics import SERVED_BYTES, ByteSource, CacheOutcome
+from s3cache.reader import Reader, count_read, response_for
+from s3cache.s3.addressing import S3Address, resolve
+from s3cache.s3.operations import classify
+from s3cache.sendfile import send_file_range
+from s3cache.server.admin import ADMIN_PREFIX
+from s3cache.server.auth import Authenticator
+from s3cache.server.keys import AUTH, LIVE_SETTINGS, ROLE, UPSTREAM
+from s3cache.server.middleware import BUCKET, KEY_ID, OPERATION, PROXIED
+from s3cache.server.workerlink import (
+    CHANNEL_PATH,
+    CLIENT_HEADER,
+    WORKER_HEADER,
+    Ready,
+    WorkerSigner,
+    unix_path,
+)
+from s3cache.upstream import Upstream
+
+log = logging.getLogger(__name__)
+
+MAX_REPLICAS = 16384  # announced objects remembered (each may hold an open file)
+READS_FLUSH_SECONDS = 0.2
+RECONNECT_SECONDS = 0.5
+PROXY_CHUNK = 1 << 20
+# Request headers that describe this hop only; the body is re-framed on the next one.
+_HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "transfer-encoding",
+        "te",
+        "trailer",
+        "upgrade",
+        "expect",
+        WORKER_HEADER.lower(),
+        CLIENT_HEADER.lower(),
+    }
+)
+
+
+class _Replica:
+    __slots__ = ("fd", "gone", "pins", "ready")
+
+    def __init__(self, ready: Ready) -> None:
+        self.ready = ready
+        self.fd: int | None = None
+        self.pins = 0
+        self.gone = False
+
+    def close_if_unused(self) -> None:
+        if self.gone and self.pins == 0 and self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+class Replicas:
+    """The objects the primary announced, by key and by entry id."""
+
+    def __init__(self) -> None:
+        self._by_key: OrderedDict[tuple[str, str], _Replica] = OrderedDict()
+        self._by_id: dict[int, _Replica] = {}
+        self._reads: list[list[Any]] = []
+
+    def __len__(self) -> int:
+        return len(self._by_key)
+
+    def get(self, bucket: str, key: str) -> _Replica | None:
+        replica = self._by_key.get((bucket, key))
+        if replica is not None:
+            self._by_key.move_to_end((bucket, key))
+        return replica
+
+    def add(self, ready: Ready) -> None:
+        old = self._by_key.get((ready.bucket, ready.key))
+        if old is not None:
+            if old.ready.id == ready.id:
+                old.ready = ready  # revalidated: a new validated_at
+                return
+            self._forget(old)
+        replica = _Replica(ready)
+        self._by_key[(ready.bucket, ready.key)] = replica
+        self._by_id[ready.id] = replica
+        while len(self._by_key) > MAX_REPLICAS:
+            _, oldest = self._by_key.popitem(last=False)
+            self._forget(oldest)
+
+    def remove(self, entry_ids: list[int]) -> None:
+        for entry_id in entry_ids:
+            replica = self._by_id.get(entry_id)
+            if replica is not None:
+                self._forget(replica)
+
+    def clear(self) -> None:
+        for replica in list(self._by_id.values()):
+            self._forget(replica)
+
+    def _forget(self, replica: _Replica) -> None:
+        ready = replica.ready
+        if self._by_key.get((ready.bucket, ready.key)) is replica:
+            del self._by_key[(ready.bucket, ready.key)]
+        self._by_id.pop(ready.id, None)
+        replica.gone = True
+        replica.close_if_unused()
+
+    def record_read(self, replica: _Replica, start: int, end: int) -> None:
+        r = replica.ready
+        self._reads.append([r.bucket, r.key, r.id, start, end])
+
+    def take_reads(self) -> list[list[Any]]:
+        reads, self._reads = self._reads, []
+        return reads
+
+
+class _Stale(Exception):
+    """The announced file is gone: the primary answers instead."""
+
+
+class Secondary:
+    def __init__(self, live: LiveSettings, role: WorkerRole) -> None:
+        self._live = live
+        self._role = role
+        self._signer = WorkerSigner(role.secret)
+        self.replicas = Replicas()
+        self._session: aiohttp.ClientSession | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.UnixConnector(path=unix_path(self._role.primary_url)),
+            auto_decompress=False,
+            timeout=aiohttp.ClientTimeout(total=None),
+        )
+        self._task = asyncio.create_task(self._channel_forever())
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        self.replicas.clear()
+        if self._session is not None:
+            await self._session.close()
+
+    # --- requests --------------------------------------------------------------------
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        if WORKER_HEADER in request.headers:
+            # Only workers sign as workers, and only to the primary.
+            raise AccessDenied("Bad worker signature.")
+        if request.raw_path.startswith(ADMIN_PREFIX):
+            return await self.proxy(request)
+        settings = self._live.current
+        address = resolve(request.host, request.raw_path, settings.virtual_host_domains)
+        if not Reader.cacheable(request, address):
+            return await self.proxy(request)
+        assert address.bucket is not None and address.key is not None
+        replica = self.replicas.get(address.bucket, address.key)
+        if replica is None:
+            return await self.proxy(request)
+        ttl = settings.ttl_for(address.bucket, address.key)
+        if ttl != math.inf and time.time() - replica.ready.validated_at > ttl:
+            return await self.proxy(request)  # the primary revalidates it
+        request[OPERATION] = classify(request.method, address, request.headers)
+        request[BUCKET] = address.bucket
+        request[KEY_ID] = request.app[AUTH].authorize(request, address)
+        try:
+            return await self._serve(request, address, replica)
+        except _Stale:
+            self.replicas.remove([replica.ready.id])
+            return await self.proxy(request)
+
+    async def _serve(
+        self, request: web.Request, address: S3Address, replica: _Replica
+    ) -> web.StreamResponse:
+        meta = replica.ready.meta
+        replica.pins += 1
+        try:
+            response, span = response_for(request, address, meta)
+            if response.status == 304:
+                count_read(request, CacheOutcome.NOT_MODIFIED)
+                return response
+            if request.method == "HEAD" or not meta.size:
+                await response.prepare(request)
+                count_read(request, CacheOutcome.HIT)
+                return response
+            fd = await self._fd(replica)
+            await response.prepare(request)
+            try:
+                await send_file_range(request, response, fd, span.start, span.length)
+                await response.write_eof()
+            except ConnectionError:
+                abort(request)
+                return response
+            SERVED_BYTES.labels(ByteSource.CACHE.value).inc(span.length)
+            self.replicas.record_read(replica, span.start, span.end + 1)
+            count_read(request, CacheOutcome.HIT)
+            return response
+        finally:
+            replica.pins -= 1
+            replica.close_if_unused()
+
+    async def _fd(self, replica: _Replica) -> int:
+        if replica.fd is None:
+            try:
+                fd = await asyncio.to_thread(os.open, replica.ready.path, os.O_RDONLY)
+            except FileNotFoundError as exc:
+                raise _Stale() from exc
+            if replica.fd is None:
+                replica.fd = fd
+            else:
+                os.close(fd)  # another request opened it meanwhile
+        return replica.fd
+
+    async def proxy(self, request: web.Request) -> web.StreamResponse:
+        """Pass a request to the primary as it came, and its answer back."""
+        assert self._session is not None
+        request[PROXIED] = True
+        peer = request.transport.get_extra_info("peername") if request.transport else None
+        client = str(peer[0]) if isinstance(peer, tuple) else ""
+        headers = CIMultiDict(
+            (name, value)
+            for name, value in request.headers.items()
+            if name.lower() not in _HOP_BY_HOP
+        )
+        headers[WORKER_HEADER] = self._signer.sign(
+            self._role.index, request.method, request.raw_path, client
+        )
+        headers[CLIENT_HEADER] = client
+        try:
+            answer = await self._session.request(
+                request.method,
+                yarl.URL("http://s3cache" + request.raw_path, encoded=True),
+                headers=headers,
+                data=request.content if request.body_exists else None,
+                allow_redirects=False,
+                skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
+            )
+        except (aiohttp.ClientError, OSError) as exc:
+            raise ServiceUnavailable(f"The cache's primary worker is unavailable: {exc}") from exc
+        async with answer:
+            out = web.StreamResponse(
+                status=answer.status, reason=answer.reason, headers=response_headers(answer)
+            )
+            if answer.content_length is not None:
+                out.content_length = answer.content_length
+            await out.prepare(request)
+            if request.method == "HEAD":
+                return out
+            try:
+                async for chunk in answer.content.iter_chunked(PROXY_CHUNK):
+                    await out.write(chunk)
+            except (ConnectionError, aiohttp.ClientError, TimeoutError) as exc:
+                log.warning("a response from the primary broke off: %s", exc)
+                abort(request)
+                return out
+            await out.write_eof()
+            return out
+
+    # --- the channel -----------------------------------------------------------------
+
+    async def _channel_forever(self) -> None:
+        while True:
+            try:
+                await self._channel()
+            except (aiohttp.ClientError, OSError, ValueError) as exc:
+                log.debug("channel to the primary: %s", exc)
+            self.replicas.clear()  # nobody tells us what goes any more
+            await asyncio.sleep(RECONNECT_SECONDS)
+
+    async def _channel(self) -> None:
+        assert self._session is not None
+        sign = self._signer.sign(self._role.index, "GET", CHANNEL_PATH, "")
+        async with self._session.ws_connect(
+            "http://s3cache" + CHANNEL_PATH,
+            headers={WORKER_HEADER: sign, CLIENT_HEADER: ""},
+            heartbeat=10.0,
+            max_msg_size=64 * 1024 * 1024,
+        ) as socket:
+            log.info("worker %d: channel to the primary open", self._role.index)
+            flusher = asyncio.create_task(self._send_reads_forever(socket))
+            try:
+                async for message in socket:
+                    if message.type is not aiohttp.WSMsgType.TEXT:
+                        break
+                    data = json.loads(message.data)
+                    if "ready" in data:
+                        self.replicas.add(Ready.from_json(data["ready"]))
+                    if "gone" in data:
+                        self.replicas.remove([int(i) for i in data["gone"]])
+                    if "sync" in data:
+                        await socket.send_str(json.dumps({"ack": data["sync"]}))
+            finally:
+                flusher.cancel()
+
+    async def _send_reads_forever(self, socket: aiohttp.ClientWebSocketResponse) -> None:
+        while True:
+            await asyncio.sleep(READS_FLUSH_SECONDS)
+            reads = self.replicas.take_reads()
+            if reads:
+                await socket.send_str(json.dumps({"reads": reads}))
+
+
+SECONDARY = web.AppKey("secondary", Secondary)
+
+
+async def secondary_components(app: web.Application) -> AsyncIterator[None]:
+    """What a secondary needs: the upstream's credentials (the default client key),
+    the authenticator, and its link to the primary."""
+    live = app[LIVE_SETTINGS]
+    role = app[ROLE]
+    upstream = Upstream(live.current)
+    await upstream.start()
+    app[UPSTREAM] = upstream
+    app[AUTH] = Authenticator(live, upstream)
+    secondary = Secondary(live, role)
+    await secondary.start()
+    app[SECONDARY] = secondary
+    try:
+        yield
+    finally:
+        await secondary.close()
+        await upstream.close()
+
+
+async def handle_secondary(request: web.Request) -> web.StreamResponse:
+    return await request.app[SECONDARY].handle(request)

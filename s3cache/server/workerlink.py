@@ -1,0 +1,136 @@
+"""What a secondary worker and the primary say to each other (see ``supervisor``).
+
+Requests a secondary passes on carry ``X-S3cache-Worker``: the worker's index, a time
+stamp and an HMAC (the run's secret) of the method, the request target and the client's
+address, which travels in ``X-S3cache-Client`` so that the primary judges admin
+requests by the real client, not by the Unix socket they came over.
+
+The channel is a WebSocket from each secondary to the primary, JSON messages:
+
+    primary -> secondary  {"ready": {...}}   an object the secondary may serve itself
+                          {"gone": [ids]}    entries it must stop serving
+                          {"sync": n}        answer {"ack": n} once all before is done
+    secondary -> primary  {"ack": n}
+                          {"reads": [[bucket, key, id, start, end], ...]}  served reads
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+from s3cache.errors import AccessDenied
+from s3cache.store.entry import Entry, ObjectMeta
+
+WORKER_HEADER = "X-S3cache-Worker"
+CLIENT_HEADER = "X-S3cache-Client"
+CHANNEL_PATH = "/_s3cache/worker/channel"
+SIGNATURE_WINDOW = 300.0  # seconds a signed request's stamp may be off
+
+# Set on requests that came from a secondary: its index, and the client's address.
+VIA_WORKER = web.RequestKey("via_worker", int)
+CLIENT_ADDRESS = web.RequestKey("client_address", str)
+
+
+class WorkerSigner:
+    def __init__(self, secret: str) -> None:
+        self._secret = secret.encode()
+
+    def sign(
+        self, index: int, method: str, target: str, client: str, stamp: int | None = None
+    ) -> str:
+        stamp = int(time.time()) if stamp is None else stamp
+        message = f"{index}\n{stamp}\n{method}\n{target}\n{client}".encode()
+        digest = hmac.new(self._secret, message, hashlib.sha256).hexdigest()
+        return f"{index}:{stamp}:{digest}"
+
+    def verify(self, request: web.Request) -> bool:
+        """True if a secondary sent this request (its index and the client's address
+        are then set on it); False if it does not claim to; AccessDenied if the claim
+        is false."""
+        claim = request.headers.get(WORKER_HEADER)
+        if claim is None:
+            return False
+        index, _, rest = claim.partition(":")
+        stamp, _, _ = rest.partition(":")
+        if not index.isdigit() or not stamp.isdigit():
+            raise AccessDenied("Bad worker signature.")
+        if abs(time.time() - int(stamp)) > SIGNATURE_WINDOW:
+            raise AccessDenied("Worker signature expired.")
+        client = request.headers.get(CLIENT_HEADER, "")
+        expected = self.sign(int(index), request.method, request.raw_path, client, int(stamp))
+        if not hmac.compare_digest(expected.encode(), claim.encode()):
+            raise AccessDenied("Bad worker signature.")
+        request[VIA_WORKER] = int(index)
+        request[CLIENT_ADDRESS] = client
+        return True
+
+
+@dataclass(frozen=True, slots=True)
+class Ready:
+    """An object version a secondary may serve from the primary's file."""
+
+    id: int
+    bucket: str
+    key: str
+    path: str
+    validated_at: float
+    meta: ObjectMeta
+
+    @classmethod
+    def of(cls, entry: Entry) -> Ready:
+        return cls(
+            entry.id, entry.bucket, entry.key, str(entry.path), entry.validated_at, entry.meta
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        m = self.meta
+        return {
+            "id": self.id,
+            "bucket": self.bucket,
+            "key": self.key,
+            "path": self.path,
+            "validated_at": self.validated_at,
+            "etag": m.etag,
+            "size": m.size,
+            "last_modified": m.last_modified,
+            "headers": [list(pair) for pair in m.headers],
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Ready:
+        meta = ObjectMeta(
+            etag=data["etag"],
+            size=int(data["size"]),
+            last_modified=data["last_modified"],
+            headers=tuple((str(name), str(value)) for name, value in data["headers"]),
+        )
+        return cls(
+            int(data["id"]),
+            data["bucket"],
+            data["key"],
+            data["path"],
+            float(data["validated_at"]),
+            meta,
+        )
+
+
+def servable(entry: Entry) -> bool:
+    """Every block present and checked by the primary: a secondary may serve it."""
+    return (
+        not entry.dropped
+        and len(entry.blocks) == entry.block_count
+        and all(block in entry.verified for block in entry.blocks)
+    )
+
+
+def unix_path(url: str) -> str:
+    """The socket path of a ``unix:/path`` URL."""
+    if not url.startswith("unix:"):
+        raise ValueError(f"not a unix: URL: {url}")
+    return url[len("unix:") :]

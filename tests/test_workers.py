@@ -1,0 +1,164 @@
+"""``s3cache serve --workers 2``: a real supervisor, a primary and a secondary worker on
+one port (SO_REUSEPORT), in front of the real upstream through a counting relay.
+
+Clients use many connections, so that the kernel spreads them over both workers."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from s3cache.sandbox.seaweed import SeaweedS3
+from tests.cached_proxy import BLOCK, Cached, _client, get, put, running_cache
+
+CONNECTIONS = 12
+
+
+@pytest.fixture
+def workers(tmp_path: Path, upstream: SeaweedS3) -> Iterator[Cached]:
+    with running_cache(tmp_path, upstream, "--workers", "2", cache_size="256MiB") as cached:
+        wait_for(lambda: bool(cached.stats()["workers"]["secondaries"]), "the secondary links")
+        yield cached
+
+
+def wait_for(condition: Any, what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def read_all(cached: Cached, upstream: SeaweedS3, bucket: str, keys: list[str]) -> list[bytes]:
+    """Each key read on its own new connection (a fresh client), CONNECTIONS at once."""
+
+    def one(key: str) -> bytes:
+        client = _client(cached.proxy.endpoint_url, upstream)
+        try:
+            return get(client, bucket, key)
+        finally:
+            client.close()
+
+    with ThreadPoolExecutor(CONNECTIONS) as pool:
+        return list(pool.map(one, keys))
+
+
+def worker_pids(cached: Cached) -> dict[int, int]:
+    """Worker index -> pid, from the supervisor's children and their environment."""
+    assert cached.proxy.pid is not None
+    children = Path(f"/proc/{cached.proxy.pid}/task/{cached.proxy.pid}/children").read_text()
+    found = {}
+    for pid in map(int, children.split()):
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue  # it exited just now
+        for item in environ:
+            if item.startswith(b"S3CACHE_INTERNAL_WORKER_INDEX="):
+                found[int(item.split(b"=", 1)[1])] = pid
+    return found
+
+
+def metric_total(text: str, name: str) -> float:
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith(name) and not line.startswith("#")
+    )
+
+
+def test_both_workers_serve_and_the_metrics_count_every_request_once(
+    workers: Cached, upstream: SeaweedS3, bucket: str
+) -> None:
+    bodies = {f"k{i}": put(workers, bucket, f"k{i}", 3 * BLOCK + 11) for i in range(16)}
+    keys = list(bodies) * 6
+    for key, body in zip(keys, read_all(workers, upstream, bucket, keys), strict=True):
+        assert body == bodies[key]
+    # Each block came from the upstream once, whichever worker was asked.
+    workers.settle()
+    assert len(workers.gets()) == 16 * 4
+    # The secondary served reads itself (it reports them to the primary in batches).
+    wait_for(
+        lambda: workers.stats()["workers"]["secondaries"]["1"]["reads_served"] > 0,
+        "reads served by the secondary",
+    )
+    # One scrape sees every worker: each GET counted once, not once per worker it
+    # crossed, and the bytes served add up to what the clients received.
+    text = workers.metrics()
+    assert metric_total(text, 's3cache_requests_total{operation="get_object"') == len(keys)
+    served = metric_total(text, "s3cache_served_bytes_total")
+    assert served == sum(len(bodies[key]) for key in keys)
+    assert metric_total(text, "s3cache_cache_capacity_bytes") == 256 * 1024**2
+
+
+def test_a_write_through_any_worker_is_seen_by_every_next_read(
+    workers: Cached, upstream: SeaweedS3, bucket: str
+) -> None:
+    client = _client(workers.proxy.endpoint_url, upstream)
+    try:
+        for version in range(4):
+            body = os.urandom(2 * BLOCK + version)
+            # A write through s3cache, on a new connection each time (either worker).
+            writer = _client(workers.proxy.endpoint_url, upstream)
+            writer.put_object(Bucket=bucket, Key="hot", Body=body)
+            writer.close()
+            digests = {
+                hashlib.sha256(b).hexdigest()
+                for b in read_all(workers, upstream, bucket, ["hot"] * 24)
+            }
+            assert digests == {hashlib.sha256(body).hexdigest()}
+        assert get(client, bucket, "hot") == body
+    finally:
+        client.close()
+
+
+def test_a_forged_worker_signature_is_refused(workers: Cached) -> None:
+    request = urllib.request.Request(
+        f"{workers.proxy.endpoint_url}/_s3cache/stats",
+        headers={"X-S3cache-Worker": f"1:{int(time.time())}:0000", "X-S3cache-Client": "10.0.0.1"},
+    )
+    # Whichever worker takes it, the primary checks the claim and refuses it.
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=10)
+    assert refused.value.code == 403
+    assert b"<Code>AccessDenied</Code>" in refused.value.read()
+
+
+def test_a_killed_worker_is_restarted_and_reads_go_on(
+    workers: Cached, upstream: SeaweedS3, bucket: str
+) -> None:
+    bodies = {f"k{i}": put(workers, bucket, f"k{i}", BLOCK + i) for i in range(8)}
+    keys = list(bodies) * 3
+    assert read_all(workers, upstream, bucket, keys) == [bodies[k] for k in keys]
+    for victim in (1, 0):  # the secondary, then the primary
+        before = worker_pids(workers)
+        assert sorted(before) == [0, 1]
+        os.kill(before[victim], signal.SIGKILL)
+
+        def restarted(victim: int = victim, before: dict[int, int] = before) -> bool:
+            now = worker_pids(workers)
+            return now.get(victim, before[victim]) != before[victim]
+
+        wait_for(restarted, "the worker restarted")
+        wait_for(
+            lambda: _linked(workers),
+            "the secondary linked to the primary again",
+        )
+        assert read_all(workers, upstream, bucket, keys) == [bodies[k] for k in keys]
+    assert workers.proxy.stop() == 0  # SIGTERM: every worker drains and exits
+
+
+def _linked(cached: Cached) -> bool:
+    try:
+        return bool(cached.stats()["workers"]["secondaries"])
+    except (OSError, KeyError):
+        return False
