@@ -367,6 +367,10 @@ class RcloneCache(ChildServer):
         )
 
 
+# s3cache runs one worker per CPU, as nginx runs its workers.
+S3CACHE_WORKERS = os.cpu_count() or 1
+
+
 class S3CacheTarget:
     """s3cache through the sandbox's S3CacheProcess, with its log's notable lines kept."""
 
@@ -394,6 +398,8 @@ class S3CacheTarget:
                 "1h",  # as nginx's proxy_cache_valid
                 "--access-log",
                 "off",  # as nginx's access_log off
+                "--workers",
+                str(S3CACHE_WORKERS),
             ],
         )
 

@@ -25,19 +25,12 @@ import time
 from pathlib import Path
 
 from bench import loadgen
+from bench.scenarios import process_tree
 from s3cache.config import parse_size
 from s3cache.sandbox.proxy import S3CacheProcess, client_of
 from s3cache.sandbox.seaweed import SeaweedS3
 
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def _descendants(pid: int) -> list[int]:
-    """``pid`` and its child processes (s3cache's workers)."""
-    found = [pid]
-    for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
-        found += _descendants(int(child))
-    return found
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -119,11 +112,11 @@ def main() -> None:
                     spies = []
                     if args.py_spy:
                         RESULTS.mkdir(exist_ok=True)
-                        for pid in _descendants(cache.pid):
+                        for pid in process_tree(cache.pid):
                             out = RESULTS / f"profile_hits_{pid}.{args.py_spy_format}"
                             spies.append((out, _py_spy(py_spy, pid, out, args)))
                         time.sleep(0.5)
-                    pids = _descendants(cache.pid)
+                    pids = process_tree(cache.pid)
                     cpu_before = sum(_cpu_seconds(pid) for pid in pids)
                     result = loadgen.run_wrk(
                         wrk, cache.endpoint_url, script, 2, args.connections, args.seconds

@@ -538,18 +538,32 @@ def coalescing(suite: Suite) -> list[Metric]:
 # --- f. RSS of s3cache under many streams ----------------------------------------------------
 
 
-def read_status(pid: int) -> tuple[int, int]:
-    """(VmRSS, VmHWM) of ``pid`` in KiB; (0, 0) if it is gone."""
-    rss = hwm = 0
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (s3cache's workers under its supervisor)."""
+    found = [pid]
     try:
-        with open(f"/proc/{pid}/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    rss = int(line.split()[1])
-                elif line.startswith("VmHWM:"):
-                    hwm = int(line.split()[1])
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
     except OSError:
-        pass
+        return found
+    for child in children:
+        found += process_tree(int(child))
+    return found
+
+
+def read_status(pid: int) -> tuple[int, int]:
+    """(VmRSS, VmHWM) in KiB of ``pid`` and its descendants, summed (pages the
+    processes share count once per process: an upper bound); (0, 0) if it is gone."""
+    rss = hwm = 0
+    for member in process_tree(pid):
+        try:
+            with open(f"/proc/{member}/status", encoding="ascii") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        rss += int(line.split()[1])
+                    elif line.startswith("VmHWM:"):
+                        hwm += int(line.split()[1])
+        except OSError:
+            pass
     return rss, hwm
 
 

