@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from datetime import datetime
 from functools import lru_cache
 
@@ -35,8 +36,6 @@ log = logging.getLogger(__name__)
 
 # How the reader answered a request: read by the server's metrics and access log.
 OUTCOME = web.RequestKey("outcome", CacheOutcome)
-# The entry a cacheable read was answered from.
-ENTRY = web.RequestKey("entry", Entry)
 
 # Query parameters of a plain GetObject/HeadObject: anything else is another operation
 # (?tagging, ?acl, ?attributes…) or a read the cache cannot answer (?versionId,
@@ -61,6 +60,9 @@ class Reader:
         self._store = store
         self._filler = filler
         self._upstream = upstream
+        # Told of every read answered from an entry, before its body goes out (the
+        # worker hub: secondaries may serve the entry from then on).
+        self.on_read: Callable[[web.Request, Entry], None] | None = None
 
     @staticmethod
     def cacheable(request: web.Request, address: S3Address) -> bool:
@@ -140,11 +142,12 @@ class Reader:
     ) -> web.StreamResponse:
         meta = entry.meta
         self._store.touch(entry)
-        request[ENTRY] = entry
         response, span = response_for(request, address, meta)
         if response.status == 304:
             count_read(request, CacheOutcome.NOT_MODIFIED)
             return response
+        if self.on_read is not None:
+            self.on_read(request, entry)
         if request.method == "HEAD" or not meta.size:
             outcome = CacheOutcome.MISS if opened else CacheOutcome.HIT
             await response.prepare(request)

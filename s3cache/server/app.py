@@ -89,7 +89,8 @@ async def _components(app: web.Application) -> AsyncIterator[None]:
     app[READER] = Reader(live, store, filler, upstream, prefetcher)
     role = app.get(ROLE)
     if role is not None:
-        app[HUB] = WorkerHub(WorkerSigner(role.secret), store, prefetcher)
+        hub = app[HUB] = WorkerHub(WorkerSigner(role.secret), store, prefetcher)
+        app[READER].on_read = hub.on_read
     try:
         yield
     finally:

@@ -15,7 +15,7 @@ from s3cache.forward import (
     send_upstream,
 )
 from s3cache.metrics import SERVED_BYTES, ByteSource, CacheOutcome
-from s3cache.reader import ENTRY, OUTCOME, Reader
+from s3cache.reader import OUTCOME, Reader
 from s3cache.s3.addressing import S3Address, resolve
 from s3cache.s3.operations import Operation, classify
 from s3cache.server.admin import ADMIN_PREFIX, handle_admin
@@ -30,7 +30,6 @@ from s3cache.server.keys import (
     UPSTREAM,
 )
 from s3cache.server.middleware import BUCKET, KEY_ID, OPERATION
-from s3cache.server.workerlink import VIA_WORKER
 
 # A DeleteObjects answer lists at most 1,000 keys: a few hundred KiB at the very most.
 PEER_KEY_ID = "peer"
@@ -68,11 +67,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
                 request[OUTCOME] = CacheOutcome.PEER
                 SERVED_BYTES.labels(ByteSource.PEER.value).inc(answer.body_length)
                 return answer
-        answer = await app[READER].read(request, address)
-        entry = request.get(ENTRY)
-        if hub is not None and VIA_WORKER in request and entry is not None:
-            hub.announce(request[VIA_WORKER], entry)
-        return answer
+        return await app[READER].read(request, address)
     if request[OPERATION] is Operation.LIST and address.bucket is not None:
         return await app[LISTINGS].list(request, address)
     if request.method in ("GET", "HEAD", "OPTIONS") or address.bucket is None:

@@ -1,12 +1,12 @@
 """The primary worker's side of the channel to the secondaries (``workerlink``).
 
-It tells a secondary which objects it may serve itself (after serving it one of them
-complete and verified), tells every secondary at once when an entry goes (dropped,
-evicted, invalidated, a block found damaged), and, after a write through s3cache, waits
-until every secondary has stopped serving what the write changed (``sync``) before the
-client hears back: read-after-write holds whichever worker the next read reaches.
-Reads the secondaries served come back in batches and count as reads here (LRU order,
-read-ahead, epoch manifests).
+It tells the secondaries which objects they may serve themselves (each complete and
+verified object, when the primary answers a read of it), tells them at once when an
+entry goes (dropped, evicted, invalidated, a block found damaged), and, after a write
+through s3cache, waits until every secondary has stopped serving what the write changed
+(``sync``) before the client hears back: read-after-write holds whichever worker the
+next read reaches. Reads the secondaries served come back in batches and count as reads
+here (LRU order, read-ahead, epoch manifests).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Any
 from aiohttp import WSMsgType, web
 
 from s3cache.prefetch import Prefetcher
-from s3cache.server.workerlink import Ready, WorkerSigner, servable
+from s3cache.server.workerlink import VIA_WORKER, Ready, WorkerSigner, servable
 from s3cache.store.cache import CacheStore
 from s3cache.store.entry import Entry
 
@@ -62,15 +62,20 @@ class WorkerHub:
 
     # --- the primary's side of the events ------------------------------------------
 
-    def announce(self, index: int, entry: Entry) -> None:
-        """A secondary was just served this entry: it may serve it itself from now on."""
-        channel = self._channels.get(index)
-        if channel is None or not servable(entry):
+    def on_read(self, request: web.Request, entry: Entry) -> None:
+        """The primary answers a read from this entry. Secondaries not yet told of it
+        may serve it from now on; the secondary that passed this read on is told again
+        (it asked because it has no fresh copy: it forgot it, or its TTL ran out and
+        validated_at has moved on)."""
+        if not self._channels or not servable(entry):
             return
-        # Again each time: the secondary asked because it has no fresh copy of it
-        # (never told, forgot it, or its TTL ran out since: validated_at moves on).
-        channel.announced.add(entry.id)
-        channel.send({"ready": Ready.of(entry).to_json()})
+        asking = request.get(VIA_WORKER)
+        message: dict[str, Any] | None = None
+        for channel in self._channels.values():
+            if channel.index == asking or entry.id not in channel.announced:
+                message = message or {"ready": Ready.of(entry).to_json()}
+                channel.announced.add(entry.id)
+                channel.send(message)
 
     def gone(self, entry_id: int) -> None:
         for channel in self._channels.values():

@@ -164,7 +164,9 @@ class Secondary:
 
     async def start(self) -> None:
         self._session = aiohttp.ClientSession(
-            connector=aiohttp.UnixConnector(path=unix_path(self._role.primary_url)),
+            # No cap on connections: each request passed on holds one for its whole
+            # answer (a 1 GiB GET included), and a cap would stall the ones over it.
+            connector=aiohttp.UnixConnector(path=unix_path(self._role.primary_url), limit=0),
             auto_decompress=False,
             timeout=aiohttp.ClientTimeout(total=None),
         )
