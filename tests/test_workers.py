@@ -162,3 +162,55 @@ def _linked(cached: Cached) -> bool:
         return bool(cached.stats()["workers"]["secondaries"])
     except (OSError, KeyError):
         return False
+
+
+def test_sighup_reloads_every_worker(tmp_path: Path, upstream: SeaweedS3, bucket: str) -> None:
+    config = tmp_path / "s3cache.toml"
+    config.write_text('cache_ttl = "1h"\n')
+    direct = upstream.client()
+    direct.put_object(Bucket=bucket, Key="k", Body=b"first")
+    with running_cache(tmp_path, upstream, "--workers", "2", "--config", str(config)) as cached:
+        wait_for(lambda: _linked(cached), "the secondary links")
+        assert set(read_all(cached, upstream, bucket, ["k"] * 24)) == {b"first"}
+        direct.put_object(Bucket=bucket, Key="k", Body=b"second")
+        # Both workers answer from the cache for an hour.
+        assert set(read_all(cached, upstream, bucket, ["k"] * 24)) == {b"first"}
+        config.write_text('cache_ttl = "0s"\n')
+        cached.proxy.send_signal(signal.SIGHUP)  # to the supervisor, which passes it on
+        wait_for(
+            lambda: cached.proxy.log_tail(200).count("SIGHUP: reloaded") == 2,
+            "both workers reloaded",
+        )
+        assert set(read_all(cached, upstream, bucket, ["k"] * 24)) == {b"second"}
+    direct.close()
+
+
+def test_a_secondary_keeps_a_bounded_number_of_files_open(tmp_path: Path) -> None:
+    from s3cache.server.secondary import MAX_OPEN_FILES, Replicas
+    from s3cache.server.workerlink import Ready
+    from s3cache.store.entry import ObjectMeta
+
+    replicas = Replicas()
+    meta = ObjectMeta(etag='"e"', size=1, last_modified="Thu, 01 Jan 2026 00:00:00 GMT", headers=())
+    opened = []
+    for i in range(MAX_OPEN_FILES + 40):
+        path = tmp_path / f"f{i}"
+        path.write_bytes(b"x")
+        replicas.add(Ready(i, "b", f"k{i}", str(path), time.time(), meta))
+        replica = replicas.get("b", f"k{i}")
+        assert replica is not None
+        replica.fd = os.open(path, os.O_RDONLY)
+        if i == 0:
+            replica.pins += 1  # being sent from: never closed under it
+        replicas.opened(replica)
+        opened.append(replica)
+    assert sum(r.fd is not None for r in opened) == MAX_OPEN_FILES
+    assert opened[0].fd is not None
+    # An entry that goes while it is being sent from is closed when the send ends.
+    replicas.remove([0])
+    assert opened[0].fd is not None
+    opened[0].pins -= 1
+    opened[0].close_if_unused()
+    assert opened[0].fd is None
+    replicas.clear()
+    assert all(r.fd is None for r in opened)

@@ -55,7 +55,8 @@ from s3cache.upstream import Upstream
 
 log = logging.getLogger(__name__)
 
-MAX_REPLICAS = 16384  # announced objects remembered (each may hold an open file)
+MAX_REPLICAS = 16384  # announced objects remembered
+MAX_OPEN_FILES = 4096  # of their files kept open, as the primary (least recently used closed)
 READS_FLUSH_SECONDS = 0.2
 RECONNECT_SECONDS = 0.5
 PROXY_CHUNK = 1 << 20
@@ -86,7 +87,11 @@ class _Replica:
         self.gone = False
 
     def close_if_unused(self) -> None:
-        if self.gone and self.pins == 0 and self.fd is not None:
+        if self.gone and self.pins == 0:
+            self.close()
+
+    def close(self) -> None:
+        if self.fd is not None:
             os.close(self.fd)
             self.fd = None
 
@@ -97,6 +102,7 @@ class Replicas:
     def __init__(self) -> None:
         self._by_key: OrderedDict[tuple[str, str], _Replica] = OrderedDict()
         self._by_id: dict[int, _Replica] = {}
+        self._open: OrderedDict[int, _Replica] = OrderedDict()  # replicas with an fd
         self._reads: list[list[Any]] = []
 
     def __len__(self) -> int:
@@ -137,8 +143,23 @@ class Replicas:
         if self._by_key.get((ready.bucket, ready.key)) is replica:
             del self._by_key[(ready.bucket, ready.key)]
         self._by_id.pop(ready.id, None)
+        self._open.pop(ready.id, None)
         replica.gone = True
         replica.close_if_unused()
+
+    def opened(self, replica: _Replica) -> None:
+        """``replica`` holds an open file now: close the least recently used others
+        beyond MAX_OPEN_FILES (those not being sent from)."""
+        if replica.gone:
+            return  # closed when its last reader is done
+        self._open[replica.ready.id] = replica
+        self._open.move_to_end(replica.ready.id)
+        for entry_id, other in list(self._open.items()):
+            if len(self._open) <= MAX_OPEN_FILES:
+                break
+            if other.pins == 0:
+                del self._open[entry_id]
+                other.close()
 
     def record_read(self, replica: _Replica, start: int, end: int) -> None:
         r = replica.ready
@@ -245,10 +266,13 @@ class Secondary:
                 fd = await asyncio.to_thread(os.open, replica.ready.path, os.O_RDONLY)
             except FileNotFoundError as exc:
                 raise _Stale() from exc
-            if replica.fd is None:
+            if replica.fd is None and not replica.gone:
                 replica.fd = fd
             else:
-                os.close(fd)  # another request opened it meanwhile
+                os.close(fd)  # another request opened it meanwhile, or it went
+                if replica.fd is None:
+                    raise _Stale()
+        self.replicas.opened(replica)
         return replica.fd
 
     async def proxy(self, request: web.Request) -> web.StreamResponse:
