@@ -154,6 +154,8 @@ class Replicas:
             return  # closed when its last reader is done
         self._open[replica.ready.id] = replica
         self._open.move_to_end(replica.ready.id)
+        if len(self._open) <= MAX_OPEN_FILES:
+            return
         for entry_id, other in list(self._open.items()):
             if len(self._open) <= MAX_OPEN_FILES:
                 break
