@@ -8,6 +8,7 @@ file as they land. Reads that the cache cannot answer exactly go to the forwarde
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -171,17 +172,22 @@ class Reader:
     async def _first_bytes_ready(self, entry: Entry, offset: int, end: int) -> None:
         """Before the status line goes out, make sure the version still holds: wait for
         the first needed byte (a 412 on its block restarts the request cleanly). The
-        fetches of the following blocks start at once, in parallel."""
+        fetches of the following blocks start then, in parallel."""
         block = entry.block_of(offset)
         try:
             fetch = self._filler.fetch(entry, block)
-            self._filler.read_ahead(entry, block, entry.block_of(end - 1))
+            if fetch is None:
+                self._filler.read_ahead(entry, block, entry.block_of(end - 1))
         except CacheFull:
             return
         if fetch is not None:
+            # The first byte before the read-ahead: fetches started together share
+            # the link and the upstream, and would delay it.
             await fetch.wait_past(offset)
             if isinstance(fetch.error, VersionChanged):
                 raise fetch.error
+            with contextlib.suppress(CacheFull):
+                self._filler.read_ahead(entry, block, entry.block_of(end - 1))
 
     async def _stream(
         self, request: web.Request, response: web.StreamResponse, entry: Entry, start: int, end: int
