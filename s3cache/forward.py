@@ -98,12 +98,15 @@ async def send_upstream(
 
 
 async def relay_response(
-    request: web.Request, response: aiohttp.ClientResponse
+    request: web.Request,
+    response: aiohttp.ClientResponse,
+    body: AsyncIterator[bytes] | None = None,
 ) -> web.StreamResponse:
-    """Copy an upstream response (status, headers, body) to the client.
+    """Copy an upstream response (status, headers, body) to the client; ``body``: its
+    pieces, if not read (and counted) as an upstream response body.
 
-    If the upstream body breaks off, the client's connection is aborted: a client must
-    never take a short body for a whole one."""
+    If the upstream body breaks off (UpstreamBroken), the client's connection is
+    aborted: a client must never take a short body for a whole one."""
     out = web.StreamResponse(
         status=response.status, reason=response.reason, headers=response_headers(response)
     )
@@ -113,7 +116,8 @@ async def relay_response(
     if request.method == "HEAD":
         return out
     try:
-        async for chunk in iter_body(response, kind=UpstreamKind.FORWARD):
+        chunks = iter_body(response, kind=UpstreamKind.FORWARD) if body is None else body
+        async for chunk in chunks:
             await out.write(chunk)
     except ConnectionError:
         abort(request)  # the client went away

@@ -33,7 +33,7 @@ from multidict import CIMultiDict
 
 from s3cache.config import LiveSettings, WorkerRole
 from s3cache.errors import AccessDenied, ServiceUnavailable
-from s3cache.forward import abort, response_headers
+from s3cache.forward import abort, relay_response
 from s3cache.metrics import SERVED_BYTES, ByteSource, CacheOutcome
 from s3cache.reader import Reader, count_read, response_for
 from s3cache.s3.addressing import S3Address, resolve
@@ -51,7 +51,7 @@ from s3cache.server.workerlink import (
     WorkerSigner,
     unix_path,
 )
-from s3cache.upstream import Upstream
+from s3cache.upstream import Upstream, UpstreamBroken
 
 log = logging.getLogger(__name__)
 
@@ -304,23 +304,7 @@ class Secondary:
         except (aiohttp.ClientError, OSError) as exc:
             raise ServiceUnavailable(f"The cache's primary worker is unavailable: {exc}") from exc
         async with answer:
-            out = web.StreamResponse(
-                status=answer.status, reason=answer.reason, headers=response_headers(answer)
-            )
-            if answer.content_length is not None:
-                out.content_length = answer.content_length
-            await out.prepare(request)
-            if request.method == "HEAD":
-                return out
-            try:
-                async for chunk in answer.content.iter_chunked(PROXY_CHUNK):
-                    await out.write(chunk)
-            except (ConnectionError, aiohttp.ClientError, TimeoutError) as exc:
-                log.warning("a response from the primary broke off: %s", exc)
-                abort(request)
-                return out
-            await out.write_eof()
-            return out
+            return await relay_response(request, answer, _pieces(answer))
 
     # --- the channel -----------------------------------------------------------------
 
@@ -364,6 +348,15 @@ class Secondary:
             reads = self.replicas.take_reads()
             if reads:
                 await socket.send_str(json.dumps({"reads": reads}))
+
+
+async def _pieces(answer: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+    """The primary's answer body; UpstreamBroken if it breaks off."""
+    try:
+        async for chunk in answer.content.iter_chunked(PROXY_CHUNK):
+            yield chunk
+    except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+        raise UpstreamBroken(f"the primary's answer broke off: {exc}") from exc
 
 
 SECONDARY = web.AppKey("secondary", Secondary)
