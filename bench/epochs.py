@@ -73,12 +73,10 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: make `s3cache` importable from the repo
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import boto3
-from botocore.config import Config
 
 from s3cache.config import parse_size
 from s3cache.epoch import submit_epoch
-from s3cache.sandbox.proxy import S3CacheProcess
+from s3cache.sandbox.proxy import S3CacheProcess, client_of
 from s3cache.sandbox.seaweed import SeaweedS3
 
 BUCKET = "epochs"
@@ -176,23 +174,6 @@ def wan_relay(target: str, delay: float, bandwidth: float) -> Iterator[str]:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
-
-
-def client_of(endpoint: str, upstream: SeaweedS3, pool: int) -> Any:
-    return boto3.session.Session(
-        aws_access_key_id=upstream.access_key,
-        aws_secret_access_key=upstream.secret_key,
-        region_name=upstream.region,
-    ).client(
-        "s3",
-        endpoint_url=endpoint,
-        config=Config(
-            s3={"addressing_style": "path"},
-            retries={"max_attempts": 1},
-            max_pool_connections=pool,
-            read_timeout=120,
-        ),
-    )
 
 
 def fetch_json(url: str, body: dict[str, Any] | None = None) -> Any:
@@ -294,7 +275,13 @@ def run_mode(
     run = Run(mode, cache_size, [])
     try:
         endpoint = proxy.endpoint_url if proxy else wan
-        client = client_of(endpoint, upstream, params.readers)
+        client = client_of(
+            endpoint,
+            upstream,
+            retries={"max_attempts": 1},
+            max_pool_connections=params.readers,
+            read_timeout=120,
+        )
         with ThreadPoolExecutor(params.readers) as pool:
             before = snapshot(endpoint) if proxy else None
             for number in range(1, params.epochs + 1):

@@ -39,12 +39,10 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-import boto3
 from boto3.s3.transfer import TransferConfig
-from botocore.config import Config
 
 from s3cache.config import parse_size
-from s3cache.sandbox.proxy import S3CacheProcess
+from s3cache.sandbox.proxy import S3CacheProcess, client_of
 from s3cache.sandbox.seaweed import SeaweedS3
 
 MiB = 1024**2
@@ -248,27 +246,6 @@ def isolate_aws_environment(workdir: Path) -> None:
     os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
 
 
-def make_client(endpoint_url: str, upstream: SeaweedS3) -> Any:
-    session = boto3.session.Session(
-        aws_access_key_id=upstream.access_key,
-        aws_secret_access_key=upstream.secret_key,
-        region_name=upstream.region,
-    )
-    return session.client(
-        "s3",
-        endpoint_url=endpoint_url,
-        config=Config(
-            s3={"addressing_style": "path", "payload_signing_enabled": False},
-            request_checksum_calculation="when_required",
-            response_checksum_validation="when_required",
-            retries={"mode": "standard", "max_attempts": 1},
-            connect_timeout=10,
-            read_timeout=600,
-            max_pool_connections=16,
-        ),
-    )
-
-
 def machine_description() -> dict[str, Any]:
     cpu_model = ""
     mem_total_kib = 0
@@ -361,7 +338,17 @@ def run(args: argparse.Namespace) -> int:
         with upstream, S3CacheProcess(workdir / "s3cache", upstream) as proxy:
             sampler = Sampler({"s3cache": proxy.pid or 0, "seaweedfs": upstream.pid or 0})
             sampler.start()
-            client = make_client(proxy.endpoint_url, upstream)
+            client = client_of(
+                proxy.endpoint_url,
+                upstream,
+                s3={"payload_signing_enabled": False},
+                request_checksum_calculation="when_required",
+                response_checksum_validation="when_required",
+                retries={"mode": "standard", "max_attempts": 1},
+                connect_timeout=10,
+                read_timeout=600,
+                max_pool_connections=16,
+            )
             direct = upstream.client()
             bucket = f"bench-{uuid.uuid4().hex[:12]}"
             client.create_bucket(Bucket=bucket)

@@ -22,9 +22,6 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-import boto3
-from botocore.config import Config
-
 from bench import loadgen
 from bench.peers import (
     Direct,
@@ -36,6 +33,7 @@ from bench.peers import (
     remove_tree,
     start_cache,
 )
+from s3cache.sandbox.proxy import client_of
 from s3cache.sandbox.relay import Relay
 from s3cache.sandbox.seaweed import SeaweedS3
 
@@ -131,7 +129,9 @@ class Presigner:
             if url is None:
                 client = self._clients.get(endpoint_url)
                 if client is None:
-                    client = self._clients[endpoint_url] = _client_for(self._upstream, endpoint_url)
+                    client = self._clients[endpoint_url] = client_of(
+                        endpoint_url, self._upstream, signature_version="s3v4"
+                    )
                 url = client.generate_presigned_url(
                     "get_object",
                     Params={"Bucket": bucket, "Key": key},
@@ -139,19 +139,6 @@ class Presigner:
                 )
                 self._urls[endpoint_url, bucket, key] = url
             return url
-
-
-def _client_for(upstream: SeaweedS3, endpoint_url: str) -> Any:
-    session = boto3.session.Session(
-        aws_access_key_id=upstream.access_key,
-        aws_secret_access_key=upstream.secret_key,
-        region_name=upstream.region,
-    )
-    return session.client(
-        "s3",
-        endpoint_url=endpoint_url,
-        config=Config(signature_version="s3v4", s3={"addressing_style": "path"}),
-    )
 
 
 @dataclass

@@ -13,11 +13,9 @@ import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import boto3
 import pytest
-from botocore.config import Config
 
-from s3cache.sandbox.proxy import S3CacheProcess
+from s3cache.sandbox.proxy import S3CacheProcess, client_of
 from s3cache.sandbox.seaweed import SeaweedS3
 
 VIRTUAL_HOST_DOMAIN = "s3cache.test"
@@ -88,17 +86,12 @@ def make_client(s3cache: S3CacheProcess, upstream: SeaweedS3) -> ClientFactory:
 
     def make(addressing: str = "path", **config: Any) -> Any:
         host = VIRTUAL_HOST_DOMAIN if addressing == "virtual" else "127.0.0.1"
-        session = boto3.session.Session(
-            aws_access_key_id=upstream.access_key,
-            aws_secret_access_key=upstream.secret_key,
-            region_name=upstream.region,
-        )
-        return session.client(
-            "s3",
-            endpoint_url=f"http://{host}:{s3cache.port}",
-            config=Config(
-                s3={"addressing_style": addressing}, retries={"max_attempts": 1}, **config
-            ),
+        return client_of(
+            f"http://{host}:{s3cache.port}",
+            upstream,
+            s3={"addressing_style": addressing},
+            retries={"max_attempts": 1},
+            **config,
         )
 
     return make

@@ -37,7 +37,7 @@ from ecosystem_helpers import (
     sha256,
 )
 
-from s3cache.sandbox.proxy import S3CacheProcess
+from s3cache.sandbox.proxy import S3CacheProcess, client_of
 from s3cache.sandbox.seaweed import SeaweedS3
 
 pytestmark = pytest.mark.ecosystem
@@ -790,16 +790,7 @@ def test_torch_dataloader_workers_read_through_boto3(
     from torch.utils.data import DataLoader
 
     def make_client() -> Any:
-        session = boto3.session.Session(
-            aws_access_key_id=upstream.access_key,
-            aws_secret_access_key=upstream.secret_key,
-            region_name=upstream.region,
-        )
-        return session.client(
-            "s3",
-            endpoint_url=s3cache.endpoint_url,
-            config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 1}),
-        )
+        return client_of(s3cache.endpoint_url, upstream, retries={"max_attempts": 1})
 
     writer = make_client()
     objects = {

@@ -9,25 +9,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-import boto3
 import pytest
-from botocore.config import Config
 
 from s3cache.sandbox.proxy import S3CacheProcess
+from s3cache.sandbox.proxy import client_of as sandbox_client_of
 from s3cache.sandbox.relay import Relay
 from s3cache.sandbox.seaweed import SeaweedS3
 
 
 def client_of(endpoint_url: str, upstream: SeaweedS3) -> Any:
-    return boto3.session.Session(
-        aws_access_key_id=upstream.access_key,
-        aws_secret_access_key=upstream.secret_key,
-        region_name=upstream.region,
-    ).client(
-        "s3",
-        endpoint_url=endpoint_url,
-        config=Config(s3={"addressing_style": "path"}, retries={"total_max_attempts": 1}),
-    )
+    return sandbox_client_of(endpoint_url, upstream, retries={"total_max_attempts": 1})
 
 
 def test_sigterm_drains_in_flight_requests(

@@ -18,15 +18,13 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import boto3
 import pytest
 from botocore.auth import S3SigV4Auth
 from botocore.awsrequest import AWSRequest
-from botocore.config import Config
 from botocore.credentials import Credentials
 from botocore.exceptions import BotoCoreError, ClientError
 
-from s3cache.sandbox.proxy import free_port
+from s3cache.sandbox.proxy import client_of, free_port
 from s3cache.sandbox.relay import Fault, Relay, RequestRecord
 from s3cache.sandbox.seaweed import SeaweedS3
 
@@ -41,21 +39,13 @@ def relay(upstream: SeaweedS3) -> Iterator[Relay]:
 
 def relay_client(relay: Relay, upstream: SeaweedS3, attempts: int = 1, pool: int = 10) -> Any:
     """A boto3 client of the relay, signing with the upstream's keys, path-style."""
-    session = boto3.session.Session(
-        aws_access_key_id=upstream.access_key,
-        aws_secret_access_key=upstream.secret_key,
-        region_name=upstream.region,
-    )
-    return session.client(
-        "s3",
-        endpoint_url=relay.endpoint_url,
-        config=Config(
-            s3={"addressing_style": "path"},
-            retries={"total_max_attempts": attempts, "mode": "standard"},
-            read_timeout=10,
-            connect_timeout=5,
-            max_pool_connections=pool,
-        ),
+    return client_of(
+        relay.endpoint_url,
+        upstream,
+        retries={"total_max_attempts": attempts, "mode": "standard"},
+        read_timeout=10,
+        connect_timeout=5,
+        max_pool_connections=pool,
     )
 
 

@@ -29,10 +29,16 @@ class UpstreamServer(Protocol):
     def region(self) -> str: ...
 
 
-def client_of(endpoint_url: str, upstream: UpstreamServer, **config: Any) -> Any:
+def client_of(
+    endpoint_url: str,
+    upstream: UpstreamServer,
+    *,
+    s3: dict[str, Any] | None = None,
+    **config: Any,
+) -> Any:
     """A boto3 S3 client with the upstream's keys and region, pointed at
-    ``endpoint_url`` (s3cache, a relay, a peer), path-style; ``config``: more
-    botocore Config options."""
+    ``endpoint_url`` (s3cache, a relay, a peer), path-style unless ``s3`` says
+    otherwise; ``s3``: more of botocore's S3 options, ``config``: more Config options."""
     import boto3
     from botocore.config import Config
 
@@ -43,7 +49,7 @@ def client_of(endpoint_url: str, upstream: UpstreamServer, **config: Any) -> Any
     ).client(
         "s3",
         endpoint_url=endpoint_url,
-        config=Config(s3={"addressing_style": "path"}, **config),
+        config=Config(s3={"addressing_style": "path", **(s3 or {})}, **config),
     )
 
 
