@@ -67,15 +67,19 @@ class WorkerHub:
         may serve it from now on; the secondary that passed this read on is told again
         (it asked because it has no fresh copy: it forgot it, or its TTL ran out and
         validated_at has moved on)."""
-        if not self._channels or not servable(entry):
-            return
         asking = request.get(VIA_WORKER)
-        message: dict[str, Any] | None = None
-        for channel in self._channels.values():
-            if channel.index == asking or entry.id not in channel.announced:
-                message = message or {"ready": Ready.of(entry).to_json()}
-                channel.announced.add(entry.id)
-                channel.send(message)
+        told = [
+            channel
+            for channel in self._channels.values()
+            if channel.index == asking or entry.id not in channel.announced
+        ]
+        # A hit every secondary already knows of (the common case) costs no more.
+        if not told or not servable(entry):
+            return
+        message = {"ready": Ready.of(entry).to_json()}
+        for channel in told:
+            channel.announced.add(entry.id)
+            channel.send(message)
 
     def gone(self, entry_id: int) -> None:
         for channel in self._channels.values():
