@@ -57,9 +57,9 @@ from s3cache.s3.sigv4 import (
     ChunkVerifier,
     Credentials,
     PayloadMode,
+    Unsigned,
     VerifiedRequest,
     chunk_verifier,
-    is_anonymous,
     secret_lookup,
     verify_request,
 )
@@ -940,17 +940,21 @@ def test_unsigned_amz_headers_and_unsigned_host_are_refused() -> None:
 
 def test_anonymous_requests_are_the_callers_choice() -> None:
     headers = [("Host", "127.0.0.1:9000")]
-    assert is_anonymous("/bucket/k?versionId=1", headers)
-    error = expect(AccessDenied, verify, "GET", "/bucket/k", headers)
-    assert error.message == "Access Denied"
+    error = expect(Unsigned, verify, "GET", "/bucket/k?versionId=1", headers)
+    assert error.code == "AccessDenied" and error.message == "Access Denied"
+    # A signature of any kind, good or bad, is not "unsigned" (expect checks the exact type).
     method, target, signed = signed_get()
-    assert not is_anonymous(target, signed)
+    wrong = with_header(signed, "Authorization", authorization(signed)[:-1] + "0")
+    expect(SignatureDoesNotMatch, verify, method, target, wrong)
     url = presign_client().generate_presigned_url("get_object", Params={"Bucket": "b", "Key": "k"})
-    assert not is_anonymous(presigned_target(url)[0], headers)
+    late = datetime.now(UTC) + timedelta(days=8)  # long expired
+    expect(AccessDenied, verify, "GET", presigned_target(url)[0], headers, now=late)
     sigv2 = make_client("http://127.0.0.1:9000", "path").generate_presigned_url(
         "get_object", Params={"Bucket": "b", "Key": "k"}
     )  # botocore presigns with SigV2 unless told otherwise
-    assert "AWSAccessKeyId=" in sigv2 and not is_anonymous(presigned_target(sigv2)[0], headers)
+    assert "AWSAccessKeyId=" in sigv2
+    expect(InvalidRequest, verify, "GET", presigned_target(sigv2)[0], headers)
+    expect(AccessDenied, verify, "GET", "/bucket/k?X-Amz-Signature=00", headers)
 
 
 def test_other_signature_mechanisms() -> None:
@@ -1086,7 +1090,6 @@ def test_garbage_gets_an_s3_error_and_nothing_else(
     headers = [(n, prefix + v if n == "Authorization" else v) for n, v in headers]
     with contextlib.suppress(S3Error):
         verify("GET", target, headers)
-    is_anonymous(target, headers)
 
 
 @settings(max_examples=200, deadline=None)

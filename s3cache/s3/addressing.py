@@ -132,6 +132,8 @@ def _virtual_host_bucket(host: str, domains: tuple[str, ...]) -> str | None:
 
 
 def _decode(text: str) -> str:
+    if "%" not in text and text.isascii():
+        return text  # nothing to decode (most names, values and keys)
     try:
         return unquote_to_bytes(text).decode("utf-8")
     except UnicodeDecodeError as exc:

@@ -86,6 +86,9 @@ class Precondition(enum.Enum):
     FAILED = "failed"  # 412 PreconditionFailed
 
 
+_CONDITIONAL_HEADERS = ("If-Match", "If-None-Match", "If-Modified-Since", "If-Unmodified-Since")
+
+
 def evaluate(
     headers: Mapping[str, str],
     etag: str,
@@ -101,6 +104,8 @@ def evaluate(
     telling a future If-Modified-Since; defaults to the clock).
     """
     modified = _to_second(last_modified)
+    if not any(name in headers for name in _CONDITIONAL_HEADERS):
+        return Precondition.PROCEED  # the common read: no conditions to evaluate
     if_match = _field(headers, "If-Match")
     if if_match is not None:
         if not _etag_matches(if_match, etag, weak=False):

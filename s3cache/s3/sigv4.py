@@ -24,10 +24,10 @@ as sent, its query pairs sorted, is tried second. Both forms are functions of th
 on the wire, which the signature covers, and :mod:`~s3cache.s3.addressing` decodes the
 path once either way, so neither lets a signature cover another key.
 
-Anonymous requests are the caller's policy: :func:`is_anonymous` tells them apart and
-:func:`verify_request` answers one with ``AccessDenied``. Secrets never appear in
-exceptions or reprs; signatures are compared in constant time; signing keys (four HMACs
-each) are cached per secret, date, region and service.
+Anonymous requests are the caller's policy: :func:`verify_request` answers a request
+that carries no signature of any kind with :class:`Unsigned` (an ``AccessDenied``).
+Secrets never appear in exceptions or reprs; signatures are compared in constant time;
+signing keys (four HMACs each) are cached per secret, date, region and service.
 
 Streaming bodies (``STREAMING-AWS4-HMAC-SHA256-PAYLOAD[-TRAILER]``) are checked chunk by
 chunk by a :class:`ChunkVerifier` plugged into
@@ -68,8 +68,8 @@ __all__ = [
     "PayloadMode",
     "SecretLookup",
     "VerifiedRequest",
+    "Unsigned",
     "chunk_verifier",
-    "is_anonymous",
     "secret_lookup",
     "verify_request",
 ]
@@ -181,17 +181,9 @@ class _Signed:
     expires: str = ""
 
 
-def is_anonymous(raw_path: str, headers: Headers) -> bool:
-    """True if the request carries no signature of any kind (no Authorization header, no
-    SigV4 or SigV2 query authentication)."""
-    pairs = headers.items() if isinstance(headers, Mapping) else headers
-    if any(name.lower() == "authorization" for name, _ in pairs):
-        return False
-    raw_query = raw_path.partition("?")[2]
-    if not raw_query:
-        return True
-    names = {_text(name) for name, _ in _split_query(raw_query)}
-    return not (names & _ANY_QUERY_AUTH_PARAMS)
+class Unsigned(AccessDenied):
+    """The request carries no signature of any kind: no Authorization header, no SigV4
+    or SigV2 query authentication. Whether it may pass anyway is the caller's policy."""
 
 
 def verify_request(
@@ -219,7 +211,8 @@ def verify_request(
         raise InvalidRequest("request target must be an absolute path")
     header_map = _header_map(headers)
     query = _split_query(raw_query)
-    signed = _parse_signature(header_map, query)
+    names = [_text(name) for name, _ in query]  # decoded once, in query order
+    signed = _parse_signature(header_map, query, names)
     _check_scope(signed, region, service)
     timestamp, when = _request_time(signed, header_map)
     _check_time(signed, when, now, max_skew)
@@ -229,7 +222,9 @@ def verify_request(
             "The AWS Access Key Id you provided does not exist in our records."
         )
     _check_signed_headers(signed, header_map)
-    payload_mode, payload_hash = _payload(signed, header_map, query)
+    payload_mode, payload_hash = _payload(signed, header_map, query, names)
+    if signed.presigned:  # the signature does not sign itself
+        query = [pair for pair, name in zip(query, names, strict=True) if name != "X-Amz-Signature"]
     scope = f"{signed.date}/{signed.region}/{signed.service}/aws4_request"
     key = _signing_key(secret, signed.date, signed.region, signed.service)
     prefix = f"{ALGORITHM}\n{timestamp}\n{scope}\n"
@@ -266,19 +261,26 @@ def _signature_matches(
             payload_hash,
         )
     )
-    for uri, canonical_query in _canonical_targets(path, query, signed.presigned):
-        canonical = f"{method}\n{uri}\n{canonical_query}\n{rest}"
-        if _matches(_hmac_hex(key, prefix + _sha256_hex(canonical)), signed.signature):
-            return True
-    return False
+
+    def signs(target: tuple[str, str]) -> bool:
+        canonical = f"{method}\n{target[0]}\n{target[1]}\n{rest}"
+        return _matches(_hmac_hex(key, prefix + _sha256_hex(canonical)), signed.signature)
+
+    s3_form = _s3_target(path, query)
+    if signs(s3_form):
+        return True
+    wire_form = _wire_target(path, query)  # only for clients that encode otherwise
+    return wire_form != s3_form and signs(wire_form)
 
 
 # -- parsing the signature parameters -----------------------------------------------------
 
 
-def _parse_signature(header_map: dict[str, list[str]], query: list[tuple[str, str]]) -> _Signed:
+def _parse_signature(
+    header_map: dict[str, list[str]], query: list[tuple[str, str]], query_names: list[str]
+) -> _Signed:
     authorization = header_map.get("authorization", [])
-    names = {_text(name) for name, _ in query}
+    names = set(query_names)
     if authorization and "X-Amz-Algorithm" in names:
         raise InvalidArgument(
             "Only one auth mechanism allowed; only the X-Amz-Algorithm query parameter, "
@@ -291,10 +293,12 @@ def _parse_signature(header_map: dict[str, list[str]], query: list[tuple[str, st
             )
         return _parse_authorization(authorization[0])
     if "X-Amz-Algorithm" in names or "X-Amz-Credential" in names:
-        return _parse_query_auth(query)
+        return _parse_query_auth(query, query_names)
     if names & _SIGV2_QUERY_PARAMS:
         raise InvalidRequest(_UNSUPPORTED)
-    raise AccessDenied("Access Denied")
+    if names & _ANY_QUERY_AUTH_PARAMS:
+        raise AccessDenied("Access Denied")  # a fragment of query authentication
+    raise Unsigned("Access Denied")
 
 
 def _parse_authorization(value: str) -> _Signed:
@@ -329,10 +333,9 @@ def _parse_authorization(value: str) -> _Signed:
     )
 
 
-def _parse_query_auth(query: list[tuple[str, str]]) -> _Signed:
+def _parse_query_auth(query: list[tuple[str, str]], names: list[str]) -> _Signed:
     params: dict[str, str] = {}
-    for raw_name, raw_value in query:
-        name = _text(raw_name)
+    for (_, raw_value), name in zip(query, names, strict=True):
         if name in _QUERY_AUTH_PARAMS:
             if name in params:
                 raise AuthorizationQueryParametersError(f"{name} appears more than once.")
@@ -362,7 +365,7 @@ def _parse_query_auth(query: list[tuple[str, str]]) -> _Signed:
 def _parse_credential(value: str, presigned: bool) -> tuple[str, str, str, str]:
     """``AKID/YYYYMMDD/region/service/aws4_request`` into its first four parts."""
     parts = value.rsplit("/", 4)
-    if len(parts) != 5 or not all(parts[:4]) or not re.fullmatch(r"\d{8}", parts[1]):
+    if len(parts) != 5 or not all(parts[:4]) or not _is_digits(parts[1], 8):
         raise _credential_error(
             presigned,
             "the Credential is mal-formed; "
@@ -384,6 +387,11 @@ def _parse_signed_headers(value: str, presigned: bool) -> tuple[str, ...]:
     raise AuthorizationHeaderMalformed(
         "The authorization header is malformed; the SignedHeaders component is mal-formed."
     )
+
+
+def _is_digits(value: str, length: int | None = None) -> bool:
+    """ASCII digits only (str.isdigit also takes other scripts' digits), ``length`` of them."""
+    return value.isascii() and value.isdigit() and (length is None or len(value) == length)
 
 
 def _credential_error(presigned: bool, detail: str) -> S3Error:
@@ -452,7 +460,9 @@ def _header_time(header_map: dict[str, list[str]]) -> tuple[str, datetime] | Non
     return when.strftime(_TIMESTAMP_FORMAT), when
 
 
+@lru_cache(maxsize=1024)
 def _parse_timestamp(value: str) -> datetime | None:
+    """Cached: every request signed in the same second carries the same timestamp."""
     if not _TIMESTAMP.fullmatch(value):
         return None
     try:  # by hand: datetime.strptime costs more than the rest of a verification
@@ -486,7 +496,7 @@ def _check_time(signed: _Signed, when: datetime, now: datetime, max_skew: timede
 
 
 def _parse_expires(value: str) -> int:
-    if not re.fullmatch(r"-?\d+", value):
+    if not _is_digits(value.removeprefix("-")):
         raise AuthorizationQueryParametersError("X-Amz-Expires should be a number")
     expires = int(value)
     if expires < 0:
@@ -512,11 +522,21 @@ def _check_signed_headers(signed: _Signed, header_map: dict[str, list[str]]) -> 
 
 
 def _payload(
-    signed: _Signed, header_map: dict[str, list[str]], query: list[tuple[str, str]]
+    signed: _Signed,
+    header_map: dict[str, list[str]],
+    query: list[tuple[str, str]],
+    names: list[str],
 ) -> tuple[PayloadMode, str]:
     """The payload mode and the canonical request's last line."""
     if signed.presigned:
-        value = next((_text(v) for n, v in query if _text(n) == "X-Amz-Content-Sha256"), None)
+        value = next(
+            (
+                _text(v)
+                for (_, v), name in zip(query, names, strict=True)
+                if name == "X-Amz-Content-Sha256"
+            ),
+            None,
+        )
         if value is None:
             return PayloadMode.UNSIGNED, PayloadMode.UNSIGNED.value
     else:
@@ -566,19 +586,15 @@ def _split_query(raw_query: str) -> list[tuple[str, str]]:
     ]
 
 
-def _canonical_targets(
-    path: str, query: list[tuple[str, str]], presigned: bool
-) -> list[tuple[str, str]]:
-    """(canonical URI, canonical query string): S3's encoding first, then the target
-    as sent when that differs."""
-    if presigned:
-        query = [(n, v) for n, v in query if _decode(n) != b"X-Amz-Signature"]
-    s3_form = (
-        _canonical(path, "/"),
-        "&".join(f"{n}={v}" for n, v in sorted((_canonical(n), _canonical(v)) for n, v in query)),
-    )
-    wire_form = (path, "&".join(f"{n}={v}" for n, v in sorted(query)))
-    return [s3_form] if wire_form == s3_form else [s3_form, wire_form]
+def _s3_target(path: str, query: list[tuple[str, str]]) -> tuple[str, str]:
+    """(canonical URI, canonical query string) in S3's encoding."""
+    pairs = sorted([(_canonical(n), _canonical(v)) for n, v in query])
+    return _canonical(path, "/"), "&".join([f"{n}={v}" for n, v in pairs])
+
+
+def _wire_target(path: str, query: list[tuple[str, str]]) -> tuple[str, str]:
+    """The same, from the target as sent (its query pairs sorted)."""
+    return path, "&".join([f"{n}={v}" for n, v in sorted(query)])
 
 
 @lru_cache(maxsize=8192)
@@ -630,7 +646,7 @@ def _signing_key(secret: str, date: str, region: str, service: str) -> bytes:
 
 
 def _hmac_hex(key: bytes, message: str) -> str:
-    return hmac.new(key, _wire(message), hashlib.sha256).hexdigest()
+    return hmac.digest(key, _wire(message), "sha256").hex()
 
 
 def _sha256_hex(text: str) -> str:

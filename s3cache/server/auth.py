@@ -23,7 +23,7 @@ from s3cache.config import ClientKey, LiveSettings
 from s3cache.errors import AccessDenied
 from s3cache.forward import BODY_TIMEOUT, VERIFIED
 from s3cache.s3.addressing import S3Address
-from s3cache.s3.sigv4 import is_anonymous, verify_request
+from s3cache.s3.sigv4 import Unsigned, verify_request
 from s3cache.server.workerlink import CLIENT_ADDRESS
 from s3cache.upstream import Upstream
 
@@ -41,17 +41,18 @@ class Authenticator:
         raises an S3 error (403, or 400 for a malformed signature) otherwise."""
         settings = self._settings.current
         request[BODY_TIMEOUT] = settings.body_timeout
-        if is_anonymous(request.raw_path, request.headers.items()):
+        try:
+            verified = verify_request(
+                request.method,
+                request.raw_path,
+                request.headers,
+                self._secret,
+                now=datetime.now(UTC),
+            )
+        except Unsigned:
             if settings.allow_anonymous and request.method in _READ_METHODS:
                 return ANONYMOUS
-            raise AccessDenied("Access Denied", resource=address.resource)
-        verified = verify_request(
-            request.method,
-            request.raw_path,
-            list(request.headers.items()),
-            self._secret,
-            now=datetime.now(UTC),
-        )
+            raise AccessDenied("Access Denied", resource=address.resource) from None
         key = self._key(verified.access_key)
         if key is None or not _granted(key, request.method, address):
             raise AccessDenied("Access Denied", resource=address.resource)
