@@ -34,11 +34,15 @@ How the zero-copy path keeps the loop, the connection and aiohttp consistent:
    aborted: the client sees a short body and a closed connection, never a short body
    as complete, and no later response shares the connection.
 
-Small ranges whose pages are all in the page cache skip both: the loop reads them with
+Small ranges whose pages are all in the page cache skip both: sending them cannot wait
+for the disk, so the loop does it, with no thread hand-off. Where the kernel tells what
+the page cache holds (``cachestat``, Linux 6.5+: :mod:`s3cache.pagecache`), the loop
+flushes the head and calls ``os.sendfile`` on the non-blocking socket once, zero-copy;
+whatever the socket did not take then goes the zero-copy way above. Elsewhere (and for
+responses that cannot go zero-copy) the loop reads the range with
 ``os.preadv(..., RWF_NOWAIT)``, which copies from the page cache or fails at once with
-EAGAIN instead of waiting for the disk, and writes them like any body. A small hit then
-costs one system call and no thread hand-off; what is not cached, or a filesystem
-without RWF_NOWAIT (tmpfs, older kernels), takes the paths below.
+EAGAIN instead of waiting for the disk, and writes it like any body. What is not cached,
+or a filesystem without RWF_NOWAIT (tmpfs, older kernels), takes the paths below.
 
 The fallback (TLS, no socket fd, no ``os.sendfile``, a body without Content-Length, or
 ``set_mode("fallback")``) reads 1 MiB chunks with ``os.pread`` in the same pool, one
@@ -65,6 +69,8 @@ from typing import Final, Literal, TypeVar
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 from aiohttp.helpers import must_be_empty_body
+
+from s3cache.pagecache import PROBE
 
 __all__ = [
     "Mode",
@@ -112,7 +118,7 @@ class SendStats:
 
     zero_copy_bytes: int
     fallback_bytes: int
-    inline_bytes: int  # read from the page cache on the loop (RWF_NOWAIT)
+    inline_bytes: int  # sent from the page cache by the loop itself
     slices: int  # worker jobs run by the zero-copy path
     writable_waits: int  # times a slow client gave its thread back to the loop
     aborts: int  # connections aborted after a failed or cancelled send
@@ -211,7 +217,7 @@ async def send_file_range(
         raise RuntimeError(f"zero-copy sendfile is not possible here: {blocker}")
     try:
         if _mode == "auto" and count <= INLINE_MAX:
-            sent = await _send_inline(response, fd, offset, count)
+            sent = await _send_inline(transport, response, fd, offset, count, blocker is None)
             offset += sent
             count -= sent
             if count == 0:
@@ -271,16 +277,48 @@ def _read_cached(fd: int, offset: int, count: int) -> bytearray | None:
     return buffer
 
 
-async def _send_inline(response: web.StreamResponse, fd: int, offset: int, count: int) -> int:
-    """Send what the page cache holds of the range's start; the number of bytes sent.
-
-    Each buffer is fresh and never reused: uvloop may queue it without copying."""
+async def _send_inline(
+    transport: asyncio.Transport,
+    response: web.StreamResponse,
+    fd: int,
+    offset: int,
+    count: int,
+    zero_copy: bool,
+) -> int:
+    """Send what the page cache holds of the range's start; the number of bytes sent."""
+    if zero_copy and PROBE is not None:
+        if not PROBE.holds(fd, offset, count):
+            return 0
+        sent = _sendfile_now(transport, response, fd, offset, count)
+        if sent is not None:
+            return sent
+    # Each buffer is fresh and never reused: uvloop may queue it without copying.
     data = _read_cached(fd, offset, count) if hasattr(os, "RWF_NOWAIT") else None
     if data is None:
         return 0
     await response.write(data)
     _counters.inline_bytes += len(data)
     return len(data)
+
+
+def _sendfile_now(
+    transport: asyncio.Transport, response: web.StreamResponse, fd: int, offset: int, count: int
+) -> int | None:
+    """One ``os.sendfile`` into the socket, from the loop, once the head is out; the
+    bytes the socket took. None if earlier writes still wait in the transport (the body
+    must queue behind them)."""
+    writer = response._payload_writer
+    assert writer is not None
+    writer.send_headers()
+    if transport.get_write_buffer_size():
+        return None
+    try:
+        sent = os.sendfile(transport.get_extra_info("socket").fileno(), fd, offset, count)
+    except BlockingIOError:
+        sent = 0
+    _charge(writer, sent)
+    _counters.inline_bytes += sent
+    return sent
 
 
 # --- zero-copy path --------------------------------------------------------------------
@@ -314,6 +352,7 @@ async def _send_zero_copy(
             n, blocked = await _run_slice(sock, stop, fd, offset + sent, count - sent)
             sent += n
             _charge(writer, n)
+            _counters.zero_copy_bytes += n
             if sent == count:
                 break
             if transport.is_closing():
@@ -347,7 +386,6 @@ def _set_cork(sock: socket.socket, on: bool) -> bool:
 
 def _charge(writer: AbstractStreamWriter, n: int) -> None:
     """Book ``n`` raw body bytes to aiohttp's writer, as its write() would have."""
-    _counters.zero_copy_bytes += n
     writer.output_size += n
     if writer.length is not None:
         writer.length -= n

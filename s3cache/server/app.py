@@ -200,5 +200,8 @@ def _fail_on_blocking_calls() -> None:
     # across I/O; s3cache itself takes no threading locks on the loop.
     buster.functions["threading.Lock.acquire"].deactivate()
     buster.functions["threading.Lock.acquire_lock"].deactivate()
+    # The loop sends a range itself only once cachestat said the page cache holds it,
+    # into a non-blocking socket.
+    buster.functions["os.sendfile"].can_block_in("s3cache/sendfile.py", "_sendfile_now")
     buster.activate()
     log.info("debug_blocking: blocking calls on the event loop will raise")
