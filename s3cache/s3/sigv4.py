@@ -166,7 +166,7 @@ class VerifiedRequest:
         return self.scope.split("/")[1]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: built on every request, and frozen costs more
 class _Signed:
     """The parsed signature parameters of either form."""
 
@@ -362,6 +362,7 @@ def _parse_query_auth(query: list[tuple[str, str]], names: list[str]) -> _Signed
     )
 
 
+@lru_cache(maxsize=256)  # a key signs with the same credential scope all day
 def _parse_credential(value: str, presigned: bool) -> tuple[str, str, str, str]:
     """``AKID/YYYYMMDD/region/service/aws4_request`` into its first four parts."""
     parts = value.rsplit("/", 4)
@@ -378,6 +379,7 @@ def _parse_credential(value: str, presigned: bool) -> tuple[str, str, str, str]:
     return parts[0], parts[1], parts[2], parts[3]
 
 
+@lru_cache(maxsize=256)  # clients sign the same few header sets
 def _parse_signed_headers(value: str, presigned: bool) -> tuple[str, ...]:
     names = tuple(value.split(";"))
     if all(names) and all(name == name.strip().lower() for name in names):

@@ -35,6 +35,7 @@ class Authenticator:
     def __init__(self, settings: LiveSettings, upstream: Upstream) -> None:
         self._settings = settings
         self._upstream = upstream
+        self._upstream_key: ClientKey | None = None
 
     def authorize(self, request: web.Request, address: S3Address) -> str:
         """The access key that signed the request, once it may do what it asks;
@@ -66,12 +67,19 @@ class Authenticator:
         upstream = self._upstream.current_credentials
         if upstream is None or upstream.access_key != access_key:
             return None
-        return ClientKey(
-            access_key=upstream.access_key,
-            secret_key=upstream.secret_key,
-            allow=("*",),
-            read_only=False,
-        )
+        key = self._upstream_key
+        if key is None or (key.access_key, key.secret_key) != (
+            upstream.access_key,
+            upstream.secret_key,
+        ):
+            # Made again only when the upstream's credentials change (rotation).
+            key = self._upstream_key = ClientKey(
+                access_key=upstream.access_key,
+                secret_key=upstream.secret_key,
+                allow=("*",),
+                read_only=False,
+            )
+        return key
 
     def _secret(self, access_key: str) -> str | None:
         key = self._key(access_key)
