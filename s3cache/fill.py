@@ -37,6 +37,7 @@ from s3cache.metrics import (
     UPSTREAM_FILL_BYTES,
     Revalidation,
     UpstreamKind,
+    labelled,
 )
 from s3cache.s3.objectmeta import MetadataError, meta_from_response, parse_content_range
 from s3cache.store.cache import CacheStore, CacheWriteError
@@ -436,21 +437,21 @@ class Filler:
             )
         except ServiceUnavailable as exc:
             log.warning("serving s3://%s/%s unrevalidated: %s", entry.bucket, entry.key, exc)
-            REVALIDATIONS.labels(Revalidation.ERROR.value).inc()
+            labelled(REVALIDATIONS, Revalidation.ERROR.value).inc()
             return entry
         response.release()
         if response.status == 304:
-            REVALIDATIONS.labels(Revalidation.UNCHANGED.value).inc()
+            labelled(REVALIDATIONS, Revalidation.UNCHANGED.value).inc()
             await self._store.mark_validated(entry)
             return entry
         if response.status >= 500:
-            REVALIDATIONS.labels(Revalidation.ERROR.value).inc()
+            labelled(REVALIDATIONS, Revalidation.ERROR.value).inc()
             return entry
         await self._store.drop(entry)
         if response.status != 200:
-            REVALIDATIONS.labels(Revalidation.GONE.value).inc()
+            labelled(REVALIDATIONS, Revalidation.GONE.value).inc()
             return None
-        REVALIDATIONS.labels(Revalidation.CHANGED.value).inc()
+        labelled(REVALIDATIONS, Revalidation.CHANGED.value).inc()
         try:
             meta = meta_from_response(200, response.headers)
         except MetadataError:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import enum
 import os
-from typing import Final
+from typing import Any, Final, TypeVar
 
 from prometheus_client import (
     REGISTRY,
@@ -25,6 +25,7 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.multiprocess import MultiProcessCollector
 
 MULTIPROCESS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -237,3 +238,18 @@ def exposition() -> bytes:
     """The Prometheus text format of every metric, of every worker process (blocking:
     /proc or the workers' files are read)."""
     return generate_latest(_registry())
+
+
+_Metric = TypeVar("_Metric", bound=MetricWrapperBase)
+_children: dict[tuple[int, tuple[str, ...]], Any] = {}
+
+
+def labelled(metric: _Metric, *values: str) -> _Metric:
+    """``metric.labels(*values)``, remembered: ``labels()`` checks and locks on every
+    call, and the hot path counts several metrics per request. (Label values come from
+    the small enums above, so this stays small.)"""
+    key = (id(metric), values)
+    child = _children.get(key)
+    if child is None:
+        child = _children[key] = metric.labels(*values)
+    return child

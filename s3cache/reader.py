@@ -22,7 +22,14 @@ from s3cache.config import LiveSettings
 from s3cache.errors import InvalidRange, PreconditionFailed, ServiceUnavailable
 from s3cache.fill import CacheFull, FetchFailed, Filler, VersionChanged
 from s3cache.forward import abort, forward, relay_response
-from s3cache.metrics import CACHE_READS, SERVED_BYTES, ByteSource, CacheOutcome, UpstreamKind
+from s3cache.metrics import (
+    CACHE_READS,
+    SERVED_BYTES,
+    ByteSource,
+    CacheOutcome,
+    UpstreamKind,
+    labelled,
+)
 from s3cache.prefetch import Prefetcher
 from s3cache.s3.addressing import S3Address
 from s3cache.s3.conditions import Precondition, evaluate, parse_http_date
@@ -164,8 +171,8 @@ class Reader:
             except ConnectionError:
                 abort(request)  # the client went away: nothing more to send
                 return response
-            SERVED_BYTES.labels(ByteSource.CACHE.value).inc(from_cache)
-            SERVED_BYTES.labels(ByteSource.UPSTREAM.value).inc(span.length - from_cache)
+            labelled(SERVED_BYTES, ByteSource.CACHE.value).inc(from_cache)
+            labelled(SERVED_BYTES, ByteSource.UPSTREAM.value).inc(span.length - from_cache)
         count_read(request, outcome)
         return response
 
@@ -303,7 +310,7 @@ def _last_modified(text: str) -> datetime:
 
 def count_read(request: web.Request, outcome: CacheOutcome) -> None:
     request[OUTCOME] = outcome
-    CACHE_READS.labels(outcome.value).inc()
+    labelled(CACHE_READS, outcome.value).inc()
 
 
 def _present_bytes(entry: Entry, start: int, end: int) -> int:

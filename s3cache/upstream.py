@@ -37,6 +37,7 @@ from s3cache.metrics import (
     UPSTREAM_ERRORS,
     UPSTREAM_REQUESTS,
     UpstreamKind,
+    labelled,
     status_class,
 )
 from s3cache.s3.addressing import encode_path, encode_query
@@ -167,11 +168,11 @@ class Upstream:
             client_fault = _s3_error_in_chain(exc)
             if client_fault is not None:
                 raise client_fault from None  # the client's body was bad, not the upstream
-            UPSTREAM_ERRORS.labels(kind.value).inc()
-            UPSTREAM_REQUESTS.labels(kind.value, status_class(None)).inc()
+            labelled(UPSTREAM_ERRORS, kind.value).inc()
+            labelled(UPSTREAM_REQUESTS, kind.value, status_class(None)).inc()
             raise ServiceUnavailable(f"upstream unreachable: {_describe(exc)}") from exc
-        UPSTREAM_DURATION.labels(kind.value).observe(time.perf_counter() - started)
-        UPSTREAM_REQUESTS.labels(kind.value, status_class(response.status)).inc()
+        labelled(UPSTREAM_DURATION, kind.value).observe(time.perf_counter() - started)
+        labelled(UPSTREAM_REQUESTS, kind.value, status_class(response.status)).inc()
         return response
 
     async def probe(self) -> str | None:
@@ -228,13 +229,13 @@ async def iter_body(
 ) -> AsyncIterator[bytes]:
     """The response body in pieces as they arrive; raises UpstreamBroken if it cannot
     be read to its end."""
-    received = UPSTREAM_BYTES.labels(kind.value)
+    received = labelled(UPSTREAM_BYTES, kind.value)
     try:
         async for chunk in response.content.iter_any():
             received.inc(len(chunk))
             yield chunk
     except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-        UPSTREAM_ERRORS.labels(kind.value).inc()
+        labelled(UPSTREAM_ERRORS, kind.value).inc()
         raise UpstreamBroken(_describe(exc)) from exc
 
 

@@ -14,7 +14,7 @@ from s3cache.forward import (
     response_headers,
     send_upstream,
 )
-from s3cache.metrics import SERVED_BYTES, ByteSource, CacheOutcome
+from s3cache.metrics import SERVED_BYTES, ByteSource, CacheOutcome, labelled
 from s3cache.reader import OUTCOME, Reader
 from s3cache.s3.addressing import S3Address, resolve
 from s3cache.s3.operations import Operation, classify
@@ -65,7 +65,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
             answer = await cluster.read_from(owner, request, address)
             if answer is not None:
                 request[OUTCOME] = CacheOutcome.PEER
-                SERVED_BYTES.labels(ByteSource.PEER.value).inc(answer.body_length)
+                labelled(SERVED_BYTES, ByteSource.PEER.value).inc(answer.body_length)
                 return answer
         return await app[READER].read(request, address)
     if request[OPERATION] is Operation.LIST and address.bucket is not None:

@@ -17,6 +17,7 @@ from s3cache.metrics import (
     REQUESTS,
     TIME_TO_FIRST_BYTE,
     CacheOutcome,
+    labelled,
     status_class,
 )
 from s3cache.reader import OUTCOME
@@ -96,10 +97,10 @@ def _record(request: web.Request, response: web.StreamResponse | None) -> None:
     outcome = request.get(OUTCOME, CacheOutcome.FORWARD)
     duration = now - request[STARTED]
     first_byte = request.get(HEAD_SENT, now) - request[STARTED]
-    REQUESTS.labels(operation.value, status_class(status)).inc()
+    labelled(REQUESTS, operation.value, status_class(status)).inc()
     if operation is not Operation.ADMIN:
-        REQUEST_DURATION.labels(outcome.value).observe(duration)
-        TIME_TO_FIRST_BYTE.labels(outcome.value).observe(first_byte)
+        labelled(REQUEST_DURATION, outcome.value).observe(duration)
+        labelled(TIME_TO_FIRST_BYTE, outcome.value).observe(first_byte)
     log_format = request.app[LIVE_SETTINGS].current.access_log
     if log_format == "off" or not access_log.isEnabledFor(logging.INFO):
         return

@@ -34,7 +34,7 @@ from multidict import CIMultiDict
 from s3cache.config import LiveSettings, WorkerRole
 from s3cache.errors import AccessDenied, ServiceUnavailable
 from s3cache.forward import abort, relay_response
-from s3cache.metrics import SERVED_BYTES, ByteSource, CacheOutcome
+from s3cache.metrics import SERVED_BYTES, ByteSource, CacheOutcome, labelled
 from s3cache.reader import Reader, count_read, response_for
 from s3cache.s3.addressing import S3Address, resolve
 from s3cache.s3.operations import classify
@@ -254,7 +254,7 @@ class Secondary:
             except ConnectionError:
                 abort(request)
                 return response
-            SERVED_BYTES.labels(ByteSource.CACHE.value).inc(span.length)
+            labelled(SERVED_BYTES, ByteSource.CACHE.value).inc(span.length)
             self.replicas.record_read(replica, span.start, span.end + 1)
             count_read(request, CacheOutcome.HIT)
             return response
