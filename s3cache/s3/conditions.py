@@ -103,9 +103,11 @@ def evaluate(
     ``last_modified`` its timezone-aware Last-Modified, ``now`` the current time (for
     telling a future If-Modified-Since; defaults to the clock).
     """
-    modified = _to_second(last_modified)
+    if last_modified.tzinfo is None:
+        raise ValueError("last_modified must be timezone-aware")
     if not any(name in headers for name in _CONDITIONAL_HEADERS):
         return Precondition.PROCEED  # the common read: no conditions to evaluate
+    modified = _to_second(last_modified)
     if_match = _field(headers, "If-Match")
     if if_match is not None:
         if not _etag_matches(if_match, etag, weak=False):
@@ -218,8 +220,6 @@ def _opaque(tag: str) -> str:
 
 
 def _to_second(moment: datetime) -> datetime:
-    if moment.tzinfo is None:
-        raise ValueError("last_modified must be timezone-aware")
     return moment.astimezone(UTC).replace(microsecond=0)
 
 
