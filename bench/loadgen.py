@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import http.client
 import re
+import resource
 import shutil
 import subprocess
 import threading
@@ -173,6 +175,7 @@ class WrkResult:
     non_2xx: int
     socket_errors: int
     output: str = field(repr=False)
+    cpu_seconds: float = 0.0  # wrk's own CPU time (user + system), where measured
 
 
 _UNITS_MS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3, "h": 3600e3}
@@ -271,10 +274,19 @@ def run_wrk(
         str(script),
         endpoint_url + "/",
     ]
+    before = _children_cpu_seconds()
     done = subprocess.run(
         command, capture_output=True, text=True, timeout=seconds + 60, check=False
     )
-    return parse_wrk(done.stdout + done.stderr)
+    cpu = _children_cpu_seconds() - before
+    return dataclasses.replace(parse_wrk(done.stdout + done.stderr), cpu_seconds=cpu)
+
+
+def _children_cpu_seconds() -> float:
+    """CPU time of this process's waited-for children: the load generator shares the
+    machine with the servers, and its share bounds theirs."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 # --- many slow streams (asyncio) -------------------------------------------------------------

@@ -267,3 +267,36 @@ def jsonable(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [jsonable(v) for v in value]
     return value
+
+
+def load_metrics(results: Path) -> list[Metric]:
+    """The metrics of a saved ``suite.json`` (null, a failed run, back to NaN)."""
+    import json
+
+    saved = json.loads(results.read_text())["metrics"]
+    metrics = []
+    for fields in saved:
+        values = {
+            target: [math.nan if v is None else float(v) for v in column]
+            for target, column in fields["values"].items()
+        }
+        metrics.append(Metric(**{**fields, "values": values}))
+    return metrics
+
+
+def main() -> None:
+    """Draw the plots of a saved run again, e.g. into the folder the README shows:
+    ``python -m bench.report bench/results/suite.json bench/plots``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("results", type=Path)
+    parser.add_argument("out_dir", type=Path)
+    args = parser.parse_args()
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    for path in plot(load_metrics(args.results), args.out_dir, "suite"):
+        print(path)
+
+
+if __name__ == "__main__":
+    main()

@@ -328,6 +328,8 @@ def _record_wrk(
     p99.add(name, run, result.p99_ms)
     detail = {"target": name, "run": run + 1, "requests": result.requests}
     detail.update(non_2xx=result.non_2xx, socket_errors=result.socket_errors)
+    wrk_us = result.cpu_seconds / max(result.requests, 1) * 1e6
+    detail.update(wrk_cpu_seconds=round(result.cpu_seconds, 2), wrk_cpu_us_per_request=wrk_us)
     rate.details.append(detail)
     if result.non_2xx or result.socket_errors:
         rate.notes.append(
@@ -336,7 +338,7 @@ def _record_wrk(
         )
     print(
         f"  {key} run {run + 1} {name}: {result.requests_per_second:,.0f} {rate.unit}, "
-        f"p50 {result.p50_ms:.2f} ms, p99 {result.p99_ms:.2f} ms"
+        f"p50 {result.p50_ms:.2f} ms, p99 {result.p99_ms:.2f} ms, wrk CPU {wrk_us:.0f} us/request"
         + (f", {result.non_2xx} non-2xx" if result.non_2xx else ""),
         flush=True,
     )
