@@ -35,6 +35,7 @@ from aiohttp import web
 from blockbuster import BlockBuster, blockbuster_ctx
 
 from s3cache import sendfile
+from s3cache.pagecache import PROBE
 from s3cache.sendfile import send_file_range
 
 KiB = 1024
@@ -139,10 +140,14 @@ class Server:
         return await asyncio.to_thread(os.open, self.root / name, os.O_RDONLY)
 
     async def _file(self, request: web.Request) -> web.StreamResponse:
-        """GET /file/NAME?offset=&count=&tag=&declare=: the range as the whole body."""
+        """GET /file/NAME?offset=&count=&tag=&declare=&sndbuf=: the range as the whole
+        body (``sndbuf``: the connection's SO_SNDBUF first)."""
         q = request.query
         tag = q.get("tag", "")
         self.peers.append(request.transport.get_extra_info("peername"))  # type: ignore[union-attr]
+        if "sndbuf" in q:
+            sock = request.transport.get_extra_info("socket")  # type: ignore[union-attr]
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, int(q["sndbuf"]))
         self.tasks[tag] = asyncio.current_task()  # type: ignore[assignment]
         fd = await self._open(request.match_info["name"])
         try:
@@ -588,8 +593,9 @@ def test_set_mode_rejects_unknown() -> None:
 def test_auto_sends_small_cached_ranges_from_the_loop(
     root: Path, files: dict[str, bytes], auto_mode: None, loop_factory: LoopFactory
 ) -> None:
-    """A small range whose pages are cached is read on the loop (RWF_NOWAIT), without a
-    worker; the same range once dropped from the page cache takes the zero-copy path."""
+    """A small range whose pages are cached is sent by the loop (one sendfile where
+    cachestat tells what is cached, else an RWF_NOWAIT read), without a worker; the same
+    range once dropped from the page cache takes the zero-copy path."""
     if not hasattr(os, "RWF_NOWAIT"):
         pytest.skip("no RWF_NOWAIT on this platform")
     probe = os.open(root / "small", os.O_RDONLY)
@@ -624,3 +630,48 @@ def test_auto_sends_small_cached_ranges_from_the_loop(
             )
         )
     assert server.loop_errors == []
+
+
+@pytest.mark.skipif(PROBE is None, reason="no cachestat (Linux 6.5+) here")
+def test_auto_cached_range_to_a_slow_client_finishes_zero_copy(
+    root: Path, files: dict[str, bytes], auto_mode: None
+) -> None:
+    """The loop's one sendfile into a client that reads slowly sends only what the
+    socket takes at once; the rest of the range goes the zero-copy way, in order."""
+    assert PROBE is not None
+    offset, count = 12345, sendfile.INLINE_MAX
+    with open(root / "four", "rb") as warm:
+        warm.read()  # every page cached
+        assert PROBE.holds(warm.fileno(), offset, count)
+    with blockbuster(), Server(root) as server:
+        before = sendfile.stats()
+        path = f"/file/four?offset={offset}&count={count}&sndbuf=65536"
+        client = RawClient(server, path, rcvbuf=4096)
+        try:
+            time.sleep(0.2)  # the socket fills up and stays full for a while
+            body = client.read_to_end()
+        finally:
+            client.close()
+        assert body == files["four"][offset : offset + count]
+        wait_for(lambda: server.outcomes.get("") == "ok")
+        after = sendfile.stats()
+        inline = after.inline_bytes - before.inline_bytes
+        zero_copy = after.zero_copy_bytes - before.zero_copy_bytes
+        assert inline > 0 and zero_copy > 0 and inline + zero_copy == count
+    assert server.loop_errors == []
+
+
+@pytest.mark.skipif(PROBE is None, reason="no cachestat (Linux 6.5+) here")
+def test_page_cache_probe_tells_cached_from_dropped(root: Path, files: dict[str, bytes]) -> None:
+    assert PROBE is not None
+    fd = os.open(root / "four", os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        os.pread(fd, size, 0)
+        assert PROBE.holds(fd, 0, size) and PROBE.holds(fd, 5000, 1)
+        assert PROBE.holds(fd, 0, 0)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        assert not PROBE.holds(fd, 0, size)
+        assert not PROBE.holds(-1, 0, 1)  # a bad fd: "not known to be cached"
+    finally:
+        os.close(fd)
