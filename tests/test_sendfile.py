@@ -670,6 +670,7 @@ def test_page_cache_probe_tells_cached_from_dropped(root: Path, files: dict[str,
         os.pread(fd, size, 0)
         assert PROBE.holds(fd, 0, size) and PROBE.holds(fd, 5000, 1)
         assert PROBE.holds(fd, 0, 0)
+        os.fsync(fd)  # the fixture just wrote it: dirty pages are not dropped
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         assert not PROBE.holds(fd, 0, size)
         assert not PROBE.holds(-1, 0, 1)  # a bad fd: "not known to be cached"
