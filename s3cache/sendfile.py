@@ -97,8 +97,10 @@ POLL_SECONDS: Final = 0.005
 # Fallback read size. Memory bound per stream: about two chunks (one being written, one
 # read ahead) plus the transport's high-water mark.
 FALLBACK_CHUNK: Final = 1 << 20
-# Ranges up to this size are first tried from the page cache on the loop (RWF_NOWAIT):
-# above it, zero-copy sendfile is cheaper than a copy. Measured in bench/profile_hits.py.
+# Ranges up to this size that the page cache holds are sent by the loop itself (one
+# sendfile, or an RWF_NOWAIT copy): that much keeps the loop's pause short, and spares a
+# small hit the thread hand-off. Larger ranges go to the pool. Measured in
+# bench/profile_hits.py.
 INLINE_MAX: Final = 1 << 20
 # Cork the socket (Linux TCP_CORK) while a range streams, uncork when it ends. aiohttp
 # sets TCP_NODELAY, which makes sendfile emit a short segment whenever the send buffer
