@@ -177,6 +177,10 @@ class WrkResult:
     output: str = field(repr=False)
     cpu_seconds: float = 0.0  # wrk's own CPU time (user + system), where measured
 
+    @property
+    def cpu_us_per_request(self) -> float:
+        return self.cpu_seconds / max(self.requests, 1) * 1e6
+
 
 _UNITS_MS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3, "h": 3600e3}
 

@@ -128,7 +128,7 @@ def main() -> None:
                         f"s3cache CPU {cpu / args.seconds:.0%} of a core, "
                         f"{cpu / max(result.requests, 1) * 1e6:.0f} us per request; "
                         f"wrk {result.cpu_seconds / args.seconds:.0%} of a core, "
-                        f"{result.cpu_seconds / max(result.requests, 1) * 1e6:.0f} us per request; "
+                        f"{result.cpu_us_per_request:.0f} us per request; "
                         f"p50 {result.p50_ms:.2f} ms, p99 {result.p99_ms:.2f} ms, "
                         f"non-2xx {result.non_2xx}, socket errors {result.socket_errors}",
                         flush=True,

@@ -328,7 +328,7 @@ def _record_wrk(
     p99.add(name, run, result.p99_ms)
     detail = {"target": name, "run": run + 1, "requests": result.requests}
     detail.update(non_2xx=result.non_2xx, socket_errors=result.socket_errors)
-    wrk_us = result.cpu_seconds / max(result.requests, 1) * 1e6
+    wrk_us = result.cpu_us_per_request
     detail.update(wrk_cpu_seconds=round(result.cpu_seconds, 2), wrk_cpu_us_per_request=wrk_us)
     rate.details.append(detail)
     if result.non_2xx or result.socket_errors:
