@@ -7,6 +7,7 @@
     ├── KeyTooLongError          400  the key is longer than 1,024 bytes
     ├── IncompleteBody           400  the body ended before its declared length
     ├── RequestTimeout           400  the body stalled past body_timeout
+    ├── MalformedXML             400  a request body's XML does not parse or validate
     ├── XAmzContentSHA256Mismatch 400 the body does not hash to the signed payload hash
     ├── AuthorizationHeaderMalformed       400  the SigV4 Authorization header cannot be used
     ├── AuthorizationQueryParametersError  400  the SigV4 presigned-URL parameters cannot be used
@@ -73,6 +74,11 @@ class IncompleteBody(S3Error):
 
 class RequestTimeout(S3Error):
     code = "RequestTimeout"
+    status = 400
+
+
+class MalformedXML(S3Error):
+    code = "MalformedXML"
     status = 400
 
 

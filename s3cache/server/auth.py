@@ -22,6 +22,7 @@ from aiohttp import web
 from s3cache.config import ClientKey, LiveSettings
 from s3cache.errors import AccessDenied
 from s3cache.forward import BODY_TIMEOUT, VERIFIED
+from s3cache.s3.access import Action, Scope, Touch, key_forms, touches
 from s3cache.s3.addressing import S3Address
 from s3cache.s3.sigv4 import Unsigned, verify_request
 from s3cache.server.workerlink import CLIENT_ADDRESS
@@ -29,6 +30,8 @@ from s3cache.upstream import Upstream
 
 ANONYMOUS = "anonymous"
 _READ_METHODS = frozenset({"GET", "HEAD"})
+# Unsigned requests, where allow_anonymous lets them read with s3cache's rights.
+_ANONYMOUS_READER = ClientKey(access_key=ANONYMOUS, secret_key="", allow=("*",), read_only=True)
 
 
 class Authenticator:
@@ -37,9 +40,31 @@ class Authenticator:
         self._upstream = upstream
         self._upstream_key: ClientKey | None = None
 
-    def authorize(self, request: web.Request, address: S3Address) -> str:
-        """The access key that signed the request, once it may do what it asks;
-        raises an S3 error (403, or 400 for a malformed signature) otherwise."""
+    def authorize(
+        self, request: web.Request, address: S3Address, delete_body: bytes | None = None
+    ) -> str:
+        """The access key that signed the request, once its grants cover everything
+        the request touches (``s3.access``; ``delete_body``: a DeleteObjects body
+        already read); raises an S3 error (403, or 400 for a malformed signature) otherwise."""
+        key = self.authenticate(request, address)
+        self.permit(key, request, address, delete_body)
+        return key.access_key
+
+    def permit(
+        self,
+        key: ClientKey,
+        request: web.Request,
+        address: S3Address,
+        delete_body: bytes | None = None,
+    ) -> None:
+        """Raise AccessDenied unless ``key``'s grants cover all the request touches."""
+        for touch in touches(request.method, address, request.headers, delete_body):
+            if not granted(key, touch):
+                raise AccessDenied("Access Denied", resource=address.resource)
+
+    def authenticate(self, request: web.Request, address: S3Address) -> ClientKey:
+        """The client key whose signature the request carries (or the anonymous
+        reader); raises an S3 error (403, or 400 for a malformed signature) otherwise."""
         settings = self._settings.current
         request[BODY_TIMEOUT] = settings.body_timeout
         try:
@@ -52,13 +77,13 @@ class Authenticator:
             )
         except Unsigned:
             if settings.allow_anonymous and request.method in _READ_METHODS:
-                return ANONYMOUS
+                return _ANONYMOUS_READER
             raise AccessDenied("Access Denied", resource=address.resource) from None
         key = self._key(verified.access_key)
-        if key is None or not _granted(key, request.method, address):
+        if key is None:
             raise AccessDenied("Access Denied", resource=address.resource)
         request[VERIFIED] = verified
-        return verified.access_key
+        return key
 
     def _key(self, access_key: str) -> ClientKey | None:
         configured = self._settings.current.client_keys
@@ -94,31 +119,47 @@ class Authenticator:
         return hmac.compare_digest(offered.encode(), admin_key.encode())
 
 
-def _granted(key: ClientKey, method: str, address: S3Address) -> bool:
-    if key.read_only and method not in _READ_METHODS:
+def granted(key: ClientKey, touch: Touch) -> bool:
+    """Whether one of the key's grants covers what the request touches."""
+    if key.read_only and touch.action is Action.WRITE:
         return False
-    if address.bucket is None:
+    if touch.scope is Scope.SERVICE:
         return True  # ListBuckets: every key may see the bucket list
-    if address.key is None:
-        prefix = address.param("prefix") or ""
-        return any(_covers(pattern, address.bucket, prefix, listing=True) for pattern in key.allow)
-    return any(_covers(pattern, address.bucket, address.key) for pattern in key.allow)
+    if touch.scope is Scope.OBJECT:
+        return all(
+            any(_covers_key(pattern, bucket, key_form) for pattern in key.allow)
+            for bucket, key_form in key_forms(touch.bucket, touch.name)
+        )
+    return any(_covers_bucket(pattern, touch) for pattern in key.allow)
 
 
-def _covers(pattern: str, bucket: str, key: str, *, listing: bool = False) -> bool:
-    """``*``; ``bucket`` (all of it); ``bucket/glob`` (fnmatch on bucket/key). A
-    listing is allowed under a prefix its keys would all match."""
+def _covers_key(pattern: str, bucket: str, key: str) -> bool:
+    """``*``; ``bucket`` (all of it); ``bucket/glob`` (fnmatch on the key)."""
     if pattern == "*":
         return True
     pattern_bucket, slash, key_pattern = pattern.partition("/")
-    if not fnmatch.fnmatchcase(bucket, pattern_bucket):
+    if not bucket or not fnmatch.fnmatchcase(bucket, pattern_bucket):
         return False
-    if not slash or key_pattern in ("", "*"):
+    return not slash or key_pattern in ("", "*") or fnmatch.fnmatchcase(key, key_pattern)
+
+
+def _covers_bucket(pattern: str, touch: Touch) -> bool:
+    """A listing is covered under a prefix all of whose keys the glob matches; anything
+    in the bucket, by any grant in it; the whole bucket, by a whole-bucket grant."""
+    if pattern == "*":
         return True
-    if listing:
+    pattern_bucket, slash, key_pattern = pattern.partition("/")
+    if not fnmatch.fnmatchcase(touch.bucket, pattern_bucket):
+        return False
+    if not slash or key_pattern in ("", "*") or touch.scope is Scope.IN_BUCKET:
+        return True
+    if touch.scope is Scope.PREFIX:
         literal = key_pattern.split("*", 1)[0].split("?", 1)[0].split("[", 1)[0]
-        return key.startswith(literal) and key_pattern.endswith("*")
-    return fnmatch.fnmatchcase(key, key_pattern)
+        return key_pattern.endswith("*") and all(
+            key_form.startswith(literal) and bucket == touch.bucket
+            for bucket, key_form in key_forms(touch.bucket, touch.name)
+        )
+    return False
 
 
 def _is_loopback(request: web.Request) -> bool:

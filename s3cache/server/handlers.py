@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import xml.etree.ElementTree as ET
-
 from aiohttp import web
 
-from s3cache.errors import MethodNotAllowed
+from s3cache.errors import MalformedXML, MethodNotAllowed
 from s3cache.forward import (
     forward,
     is_signed_streaming,
@@ -16,6 +14,7 @@ from s3cache.forward import (
 )
 from s3cache.metrics import SERVED_BYTES, ByteSource, CacheOutcome, labelled
 from s3cache.reader import OUTCOME, Reader
+from s3cache.s3.access import deleted_keys, keys_in
 from s3cache.s3.addressing import S3Address, resolve
 from s3cache.s3.operations import Operation, classify
 from s3cache.server.admin import ADMIN_PREFIX, handle_admin
@@ -57,7 +56,18 @@ async def handle(request: web.Request) -> web.StreamResponse:
         )
     cluster = app[CLUSTER]
     from_peer = cluster.verify(request)
-    request[KEY_ID] = PEER_KEY_ID if from_peer else app[AUTH].authorize(request, address)
+    delete_body = None
+    if from_peer:
+        request[KEY_ID] = PEER_KEY_ID
+    elif _is_delete_objects(request, address):
+        # The keys to delete are in the body: read it once the signature is checked,
+        # and authorize every one of them.
+        key = app[AUTH].authenticate(request, address)
+        delete_body = await _read_small_body(request)
+        app[AUTH].permit(key, request, address, delete_body)
+        request[KEY_ID] = key.access_key
+    else:
+        request[KEY_ID] = app[AUTH].authorize(request, address)
     if Reader.cacheable(request, address):
         assert address.bucket is not None and address.key is not None
         owner = None if from_peer else cluster.owner(address.bucket, address.key)
@@ -72,21 +82,20 @@ async def handle(request: web.Request) -> web.StreamResponse:
         return await app[LISTINGS].list(request, address)
     if request.method in ("GET", "HEAD", "OPTIONS") or address.bucket is None:
         return await forward(request, address, app[UPSTREAM])
-    return await forward_write(request, address)
+    return await forward_write(request, address, delete_body)
 
 
-async def forward_write(request: web.Request, address: S3Address) -> web.StreamResponse:
+async def forward_write(
+    request: web.Request, address: S3Address, delete_body: bytes | None = None
+) -> web.StreamResponse:
     """Pass a write through; once the upstream has taken it, and before the client
-    hears so, drop what the cache holds of the keys it changed (read-after-write)."""
+    hears so, drop what the cache holds of the keys it changed (read-after-write).
+    ``delete_body``: a DeleteObjects body already read."""
     app = request.app
     assert address.bucket is not None
-    body = None
-    requested: list[str] = []
-    if request.method == "POST" and address.has_param("delete"):
-        # A quiet DeleteObjects answer names no key: take them from the request.
-        body = await _read_small_body(request)
-        requested = keys_in(body, "Object") if body is not None else []
-    response = await send_upstream(request, address, app[UPSTREAM], body=body)
+    # A quiet DeleteObjects answer names no key: take them from the request too.
+    requested = deleted_keys(delete_body) if delete_body is not None else []
+    response = await send_upstream(request, address, app[UPSTREAM], body=delete_body)
     async with response:
         if response.status >= 300:
             return await relay_response(request, response)
@@ -94,9 +103,9 @@ async def forward_write(request: web.Request, address: S3Address) -> web.StreamR
         if address.key is not None:
             await _invalidate(app, address.bucket, [address.key])
             return await relay_response(request, response)
-        if request.method == "POST" and address.has_param("delete"):
+        if _is_delete_objects(request, address):
             result = await response.content.read(MAX_DELETE_RESULT_BYTES)
-            await _invalidate(app, address.bucket, [*{*requested, *keys_in(result, "Deleted")}])
+            await _invalidate(app, address.bucket, [*{*requested, *_keys_deleted(result)}])
             return web.Response(
                 status=response.status, headers=response_headers(response), body=result
             )
@@ -122,21 +131,13 @@ async def _read_small_body(request: web.Request) -> bytes | None:
     return await request.content.readexactly(length)
 
 
-def keys_in(document: bytes, parent: str) -> list[str]:
-    """The ``<Key>`` children of every ``<parent>`` element: ``Object`` in a
-    DeleteObjects request, ``Deleted`` in its answer. Nothing if it does not parse."""
+def _is_delete_objects(request: web.Request, address: S3Address) -> bool:
+    return request.method == "POST" and address.key is None and address.has_param("delete")
+
+
+def _keys_deleted(answer: bytes) -> list[str]:
+    """The keys a DeleteObjects answer says it deleted (none if it does not parse)."""
     try:
-        root = ET.fromstring(document)
-    except ET.ParseError:
+        return keys_in(answer, "Deleted")
+    except MalformedXML:
         return []
-    return [
-        child.text or ""
-        for element in root.iter()
-        if _local_name(element) == parent
-        for child in element
-        if _local_name(child) == "Key"
-    ]
-
-
-def _local_name(element: ET.Element) -> str:
-    return element.tag.rsplit("}", 1)[-1]
