@@ -24,7 +24,7 @@ from __future__ import annotations
 import enum
 import xml.etree.ElementTree as ET
 from collections.abc import Mapping
-from dataclasses import dataclass
+from typing import NamedTuple
 from urllib.parse import unquote
 
 from s3cache.errors import AccessDenied, InvalidArgument, MalformedXML
@@ -45,9 +45,9 @@ class Scope(enum.Enum):
     SERVICE = "service"  # the bucket list
 
 
-@dataclass(frozen=True, slots=True)
-class Touch:
-    """One thing a request touches: ``name`` is the key (OBJECT) or prefix (PREFIX)."""
+class Touch(NamedTuple):
+    """One thing a request touches: ``name`` is the key (OBJECT) or prefix (PREFIX).
+    (A tuple: made for every request, it costs less than a dataclass.)"""
 
     action: Action
     scope: Scope
