@@ -352,6 +352,12 @@ class Settings:
     allow_anonymous: bool = _setting(
         False, parse_bool, "let unsigned requests read (GET/HEAD/list) with s3cache's rights"
     )
+    allow_sigv2: bool = _setting(
+        True,
+        parse_bool,
+        "accept AWS Signature Version 2 (what boto3 presigns with by default for an "
+        "endpoint_url); false: only SigV4",
+    )
     admin_key: str | None = _setting(
         None,
         _optional_str,
@@ -453,6 +459,7 @@ RELOADABLE = (
     "client_keys",
     "client_keys_file",
     "allow_anonymous",
+    "allow_sigv2",
     "admin_key",
 )
 

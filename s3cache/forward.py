@@ -39,6 +39,8 @@ from s3cache.upstream import UNSIGNED_PAYLOAD, Upstream, UpstreamBroken, iter_bo
 log = logging.getLogger(__name__)
 
 # RFC 9110 §7.6.1 hop-by-hop headers, plus what s3cache sets itself for the upstream.
+# Date and x-amz-date are the client's signing time (every SigV2 request has a Date):
+# s3cache's own signature carries its own time.
 _NOT_FORWARDED_REQUEST = frozenset(
     {
         "host",
@@ -52,6 +54,7 @@ _NOT_FORWARDED_REQUEST = frozenset(
         "upgrade",
         "expect",
         "authorization",
+        "date",
         "x-amz-date",
         "x-amz-security-token",
         "x-amz-content-sha256",

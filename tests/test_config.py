@@ -14,6 +14,7 @@ import pytest
 
 from s3cache.config import (
     ConfigError,
+    LiveSettings,
     Settings,
     add_arguments,
     flag_name,
@@ -155,3 +156,15 @@ def test_ttl_rules_longest_prefix_wins() -> None:
     assert settings.ttl_for("data", "train/x") == math.inf
     assert settings.ttl_for("data", "tmp/x") == 5.0
     assert settings.ttl_for("other", "x") == 60.0
+
+
+def test_allow_sigv2_defaults_on_turns_off_and_reloads(tmp_path: Path) -> None:
+    assert Settings().allow_sigv2 is True
+    config = tmp_path / "s3cache.toml"
+    config.write_text("allow_sigv2 = false\n")
+    assert load_settings(flags("--config", str(config)), environ={}).allow_sigv2 is False
+    assert load_settings(flags(), environ={"S3CACHE_ALLOW_SIGV2": "false"}).allow_sigv2 is False
+    assert load_settings(flags("--allow-sigv2", "false"), environ={}).allow_sigv2 is False
+    live = LiveSettings(Settings())
+    assert live.reload(Settings(allow_sigv2=False)) == []  # SIGHUP takes it, no restart
+    assert live.current.allow_sigv2 is False

@@ -1,4 +1,6 @@
-"""SigV4 verification of client requests (:mod:`s3cache.s3.sigv4`), pure and offline.
+"""SigV4 verification of client requests (:mod:`s3cache.s3.sigv4`), pure and offline,
+through the entry point for both signature versions (:mod:`s3cache.s3.signatures`;
+SigV2 itself is tested in ``test_sigv2``).
 
 1. AWS's SigV4 test suite (``tests/data/sigv4/aws4-testsuite``, see its README): every
    request verifies with its published signature, and fails once the signature, a
@@ -53,15 +55,16 @@ from s3cache.errors import (
     SignatureDoesNotMatch,
 )
 from s3cache.s3.chunked import AwsChunkedDecoder
+from s3cache.s3.signatures import verify_request
 from s3cache.s3.sigv4 import (
     ChunkVerifier,
     Credentials,
     PayloadMode,
+    SignatureV2,
     Unsigned,
     VerifiedRequest,
     chunk_verifier,
     secret_lookup,
-    verify_request,
 )
 
 HeaderList = list[tuple[str, str]]
@@ -953,22 +956,30 @@ def test_anonymous_requests_are_the_callers_choice() -> None:
         "get_object", Params={"Bucket": "b", "Key": "k"}
     )  # botocore presigns with SigV2 unless told otherwise
     assert "AWSAccessKeyId=" in sigv2
-    expect(InvalidRequest, verify, "GET", presigned_target(sigv2)[0], headers)
+    assert verify("GET", presigned_target(sigv2)[0], headers).version == 2
+    expect(SignatureV2, verify, "GET", presigned_target(sigv2)[0], headers, allow_sigv2=False)
     expect(AccessDenied, verify, "GET", "/bucket/k?X-Amz-Signature=00", headers)
 
 
 def test_other_signature_mechanisms() -> None:
+    """SigV2 verifies unless refused, then it gets S3's answer where SigV2 is not
+    supported; SigV4a is not supported at all."""
     method, target, headers = signed_get()
     sigv2 = make_client("http://127.0.0.1:9000", "path").generate_presigned_url(
         "get_object", Params={"Bucket": "b", "Key": "k"}
     )
+    sigv2_target, sigv2_headers = presigned_target(sigv2)
+    bad_sigv2 = with_header(headers, "Authorization", f"AWS {ACCESS_KEY}:c2lnbmF0dXJl")
+    assert verify(method, sigv2_target, sigv2_headers).version == 2
+    expect(SignatureDoesNotMatch, verify, method, target, bad_sigv2)
     sigv4a = authorization(headers).replace("AWS4-HMAC-SHA256", "AWS4-ECDSA-P256-SHA256")
-    for tampered_target, tampered in [
-        (presigned_target(sigv2)[0], [("Host", "127.0.0.1:9000")]),
-        (target, with_header(headers, "Authorization", f"AWS {ACCESS_KEY}:c2lnbmF0dXJl")),
-        (target, with_header(headers, "Authorization", sigv4a)),
+    for tampered_target, tampered, allow_sigv2, refusal in [
+        (sigv2_target, sigv2_headers, False, SignatureV2),  # an InvalidRequest
+        (target, bad_sigv2, False, SignatureV2),
+        (target, with_header(headers, "Authorization", sigv4a), True, InvalidRequest),
     ]:
-        error = expect(InvalidRequest, verify, method, tampered_target, tampered)
+        error = expect(refusal, verify, method, tampered_target, tampered, allow_sigv2=allow_sigv2)
+        assert (error.code, error.status) == ("InvalidRequest", 400)
         assert "Please use AWS4-HMAC-SHA256" in error.message
     bearer = with_header(headers, "Authorization", "Bearer token")
     expect(InvalidArgument, verify, method, target, bearer)

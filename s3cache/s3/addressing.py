@@ -49,6 +49,7 @@ class S3Address:
     bucket: str | None
     key: str | None
     query: tuple[tuple[str, str], ...]
+    virtual_host: bool = False  # the bucket came from the Host header (SigV2 signs it)
 
     def param(self, name: str) -> str | None:
         for param_name, value in self.query:
@@ -72,6 +73,7 @@ def resolve(host: str, raw_path: str, domains: tuple[str, ...]) -> S3Address:
         raise InvalidRequest("request target must be an absolute path")
     query = parse_query(raw_query)
     bucket = _virtual_host_bucket(host, domains)
+    virtual = bucket is not None
     if bucket is None:
         bucket_part, slash, key_part = path[1:].partition("/")
         bucket = _decode(bucket_part) or None
@@ -82,7 +84,7 @@ def resolve(host: str, raw_path: str, domains: tuple[str, ...]) -> S3Address:
         validate_bucket(bucket)
     if key is not None and len(key.encode()) > MAX_KEY_BYTES:
         raise KeyTooLongError("Your key is too long", resource=f"/{bucket}")
-    return S3Address(bucket=bucket, key=key, query=query)
+    return S3Address(bucket=bucket, key=key, query=query, virtual_host=virtual)
 
 
 def validate_bucket(bucket: str) -> None:

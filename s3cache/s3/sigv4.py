@@ -26,6 +26,11 @@ path once either way, so neither lets a signature cover another key.
 
 Anonymous requests are the caller's policy: :func:`verify_request` answers a request
 that carries no signature of any kind with :class:`Unsigned` (an ``AccessDenied``).
+Signature Version 2 (``Authorization: AWS …``, ``AWSAccessKeyId``/``Signature`` in the
+query) is recognised and answered with :class:`SignatureV2`, the ``InvalidRequest`` S3
+gives where SigV2 is not supported; :func:`s3cache.s3.signatures.verify_request`, the
+entry point for both versions, hands those requests to :mod:`s3cache.s3.sigv2`, which
+shares this module's parsing and decoding helpers.
 Secrets never appear in exceptions or reprs; signatures are compared in constant time;
 signing keys (four HMACs each) are cached per secret, date, region and service.
 
@@ -45,7 +50,7 @@ from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
 from enum import Enum
 from functools import lru_cache
-from typing import Protocol
+from typing import Literal, Protocol
 from urllib.parse import quote, unquote_to_bytes
 
 from s3cache.errors import (
@@ -67,6 +72,7 @@ __all__ = [
     "Credentials",
     "PayloadMode",
     "SecretLookup",
+    "SignatureV2",
     "Unsigned",
     "VerifiedRequest",
     "chunk_verifier",
@@ -105,6 +111,11 @@ _UNSUPPORTED = (
     "The authorization mechanism you have provided is not supported. Please use AWS4-HMAC-SHA256."
 )
 _NO_DATE = "AWS authentication requires a valid Date or x-amz-date header"
+_TOO_SKEWED = "The difference between the request time and the current time is too large."
+_BOTH_MECHANISMS = (
+    "Only one auth mechanism allowed; only the X-Amz-Algorithm query parameter, "
+    "Signature query string parameter or the Authorization header should be specified"
+)
 _MISMATCH = (
     "The request signature we calculated does not match the signature you provided. "
     "Check your key and signing method."
@@ -150,20 +161,27 @@ def secret_lookup(credentials: Iterable[Credentials]) -> SecretLookup:
 
 @dataclass(frozen=True, slots=True)
 class VerifiedRequest:
-    """Who signed a request whose signature checked out, and what its body must satisfy."""
+    """Who signed a request whose signature checked out, and what its body must satisfy.
+
+    A SigV2 request (``version`` 2) has no credential scope and no signing key (both
+    empty) and no chunk signatures: its body is what ``x-amz-content-sha256`` says, if
+    the client sent one, else unsigned."""
 
     access_key: str
     payload_mode: PayloadMode
     payload_sha256: str | None  # lower-case hex, for PayloadMode.SIGNED only
     presigned: bool
-    timestamp: str  # the signed request time, ISO 8601 basic: 20130524T000000Z
+    timestamp: str  # the signed request time (SigV2 presigned: its expiry), ISO 8601 basic
     scope: str  # 20130524/us-east-1/s3/aws4_request
     signature: str  # the seed of the chunk-signature chain
     signing_key: bytes = field(repr=False)
+    version: Literal[2, 4] = 4
 
     @property
     def region(self) -> str:
-        return self.scope.split("/")[1]
+        """The region signed for ("" for SigV2, which names none)."""
+        parts = self.scope.split("/")
+        return parts[1] if len(parts) > 1 else ""
 
 
 @dataclass(slots=True)  # not frozen: built on every request, and frozen costs more
@@ -186,6 +204,11 @@ class Unsigned(AccessDenied):
     or SigV2 query authentication. Whether it may pass anyway is the caller's policy."""
 
 
+class SignatureV2(InvalidRequest):
+    """The request is signed with Signature Version 2, which this module does not verify:
+    S3's answer where SigV2 is not supported (``s3.sigv2`` verifies it)."""
+
+
 def verify_request(
     method: str,
     raw_path: str,
@@ -197,7 +220,8 @@ def verify_request(
     region: str | None = None,
     service: str = "s3",
 ) -> VerifiedRequest:
-    """Check a request's SigV4 signature; raise the S3Error that S3 would answer.
+    """Check a request's SigV4 signature; raise the S3Error that S3 would answer
+    (:class:`SignatureV2` for a SigV2 request).
 
     ``raw_path`` is the request target as received (path and query, still encoded);
     ``headers`` a mapping or a list of (name, value) pairs, duplicates kept (a multidict's
@@ -281,11 +305,8 @@ def _parse_signature(
 ) -> _Signed:
     authorization = header_map.get("authorization", [])
     names = set(query_names)
-    if authorization and "X-Amz-Algorithm" in names:
-        raise InvalidArgument(
-            "Only one auth mechanism allowed; only the X-Amz-Algorithm query parameter, "
-            "Signature query string parameter or the Authorization header should be specified"
-        )
+    if bool(authorization) + ("X-Amz-Algorithm" in names) + ("Signature" in names) > 1:
+        raise InvalidArgument(_BOTH_MECHANISMS)
     if authorization:
         if len(authorization) > 1:
             raise AuthorizationHeaderMalformed(
@@ -295,7 +316,7 @@ def _parse_signature(
     if "X-Amz-Algorithm" in names or "X-Amz-Credential" in names:
         return _parse_query_auth(query, query_names)
     if names & _SIGV2_QUERY_PARAMS:
-        raise InvalidRequest(_UNSUPPORTED)
+        raise SignatureV2(_UNSUPPORTED)
     if names & _ANY_QUERY_AUTH_PARAMS:
         raise AccessDenied("Access Denied")  # a fragment of query authentication
     raise Unsigned("Access Denied")
@@ -304,7 +325,9 @@ def _parse_signature(
 def _parse_authorization(value: str) -> _Signed:
     algorithm, _, rest = value.strip().partition(" ")
     if algorithm != ALGORITHM:
-        if algorithm in ("AWS", "AWS4-ECDSA-P256-SHA256"):  # SigV2, SigV4a
+        if algorithm == "AWS":
+            raise SignatureV2(_UNSUPPORTED)
+        if algorithm == "AWS4-ECDSA-P256-SHA256":  # SigV4a
             raise InvalidRequest(_UNSUPPORTED)
         raise InvalidArgument("Unsupported Authorization Type")
     parts: dict[str, str] = {}
@@ -452,14 +475,17 @@ def _header_time(header_map: dict[str, list[str]]) -> tuple[str, datetime] | Non
         when = _parse_timestamp(amz_date[0]) if len(amz_date) == 1 else None
         return None if when is None else (amz_date[0], when)
     date = header_map.get("date")
-    if date is None or len(date) != 1:
-        return None
+    when = _parse_http_date(date[0]) if date is not None and len(date) == 1 else None
+    return None if when is None else (when.strftime(_TIMESTAMP_FORMAT), when)
+
+
+def _parse_http_date(value: str) -> datetime | None:
+    """An HTTP date (RFC 9110 §5.6.7: IMF-fixdate and the obsolete forms), in UTC."""
     try:
-        when = parsedate_to_datetime(date[0])
+        when = parsedate_to_datetime(value)
     except (TypeError, ValueError):
         return None
-    when = when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
-    return when.strftime(_TIMESTAMP_FORMAT), when
+    return when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
 
 
 @lru_cache(maxsize=1024)
@@ -484,9 +510,7 @@ def _parse_timestamp(value: str) -> datetime | None:
 def _check_time(signed: _Signed, when: datetime, now: datetime, max_skew: timedelta) -> None:
     if not signed.presigned:
         if abs(now - when) > max_skew:
-            raise RequestTimeTooSkewed(
-                "The difference between the request time and the current time is too large."
-            )
+            raise RequestTimeTooSkewed(_TOO_SKEWED)
         return
     expires = _parse_expires(signed.expires)
     # A presigned URL is good from X-Amz-Date (give or take the clock skew) until

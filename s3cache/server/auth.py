@@ -24,7 +24,8 @@ from s3cache.errors import AccessDenied
 from s3cache.forward import BODY_TIMEOUT, VERIFIED
 from s3cache.s3.access import Action, Scope, Touch, key_forms, touches
 from s3cache.s3.addressing import S3Address
-from s3cache.s3.sigv4 import Unsigned, verify_request
+from s3cache.s3.signatures import verify_request
+from s3cache.s3.sigv4 import Unsigned
 from s3cache.server.workerlink import CLIENT_ADDRESS
 from s3cache.upstream import Upstream
 
@@ -74,6 +75,8 @@ class Authenticator:
                 request.headers,
                 self._secret,
                 now=datetime.now(UTC),
+                allow_sigv2=settings.allow_sigv2,
+                virtual_host_bucket=address.bucket if address.virtual_host else None,
             )
         except Unsigned:
             if settings.allow_anonymous and request.method in _READ_METHODS:
