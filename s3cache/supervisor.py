@@ -12,10 +12,17 @@ The supervisor itself serves nothing. It makes a private run directory (the prim
 socket, prometheus-client's multi-process files), gives every worker its role in the
 environment, passes SIGTERM, SIGINT and SIGHUP on to the workers, and starts a worker
 again if it dies (a dead worker's live gauges are dropped from the metrics).
+
+If the supervisor itself is killed (SIGKILL, the OOM killer), its workers die with it
+on Linux (``PR_SET_PDEATHSIG``), so that no orphan keeps serving the port or writing the
+cache beside the supervisor started next. A killed supervisor leaves its run directory
+behind; the next one removes those whose lock no process holds any more.
 """
 
 from __future__ import annotations
 
+import ctypes
+import fcntl
 import logging
 import os
 import secrets
@@ -25,7 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
 
@@ -38,13 +45,26 @@ log = logging.getLogger(__name__)
 
 RESTART_DELAY = 1.0  # seconds before a worker that died is started again
 POLL_SECONDS = 0.2
+RUN_PREFIX = "s3cache-run-"
+# Held (flock) by the supervisor and, inherited, by every worker while it lives.
+LOCK_NAME = "supervisor.lock"
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+# What a worker gets when its supervisor dies. SIGKILL, not SIGTERM: a SIGTERMed worker
+# drains for up to 30 s, and meanwhile a supervisor started again at once would run a
+# second primary on the same index and cache files, and share the port with an orphan
+# that no longer answers to anyone. The cache is crash-safe (data on disk before the
+# index row, a start-up check for orphans), and a killed supervisor was no graceful
+# stop anyway: SIGTERM to the supervisor is, and drains every worker.
+WORKER_DEATH_SIGNAL = signal.SIGKILL
 
 
 class Supervisor:
     def __init__(self, settings: Settings, argv: Sequence[str]) -> None:
         self._count = settings.workers
         self._argv = list(argv)
-        self._run_dir = Path(tempfile.mkdtemp(prefix="s3cache-run-"))
+        remove_dead_run_dirs(Path(tempfile.gettempdir()))
+        self._run_dir, self._lock = _make_run_dir()
+        self._die_with_me = _die_with(os.getpid())
         self._metrics_dir = self._run_dir / "metrics"
         self._metrics_dir.mkdir()
         self._secret = secrets.token_hex(32)
@@ -62,6 +82,7 @@ class Supervisor:
             self._watch()
         finally:
             shutil.rmtree(self._run_dir, ignore_errors=True)
+            os.close(self._lock)
         return 0
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
@@ -71,7 +92,11 @@ class Supervisor:
         role = WorkerRole(index, self._primary_url, self._secret)
         env = {**os.environ, **role.environment(), MULTIPROCESS_DIR_ENV: str(self._metrics_dir)}
         self._workers[index] = subprocess.Popen(
-            [sys.executable, "-m", "s3cache", *self._argv], env=env
+            [sys.executable, "-m", "s3cache", *self._argv],
+            env=env,
+            pass_fds=(self._lock,),
+            # The supervisor runs no threads, so a function between fork and exec is safe.
+            preexec_fn=self._die_with_me,
         )
         log.info("worker %d started (pid %d)", index, self._workers[index].pid)
 
@@ -106,3 +131,49 @@ class Supervisor:
             self._stopping = True
         for process in self._workers.values():
             process.send_signal(signum)
+
+
+def _die_with(supervisor: int) -> Callable[[], None]:
+    """What a worker runs between fork and exec: take WORKER_DEATH_SIGNAL when its
+    parent dies (Linux; the setting survives exec), then check that the parent is
+    still the supervisor: if it died before the prctl, no signal will come."""
+    prctl = ctypes.CDLL(None, use_errno=True).prctl if sys.platform == "linux" else None
+
+    def in_the_worker() -> None:
+        if prctl is not None and prctl(PR_SET_PDEATHSIG, WORKER_DEATH_SIGNAL, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+        if os.getppid() != supervisor:
+            os._exit(1)
+
+    return in_the_worker
+
+
+def _make_run_dir() -> tuple[Path, int]:
+    """A new private run directory, and the fd of its lock, held from now on."""
+    run_dir = Path(tempfile.mkdtemp(prefix=RUN_PREFIX))
+    staging = run_dir / f"{LOCK_NAME}.new"
+    lock = os.open(staging, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    # Renamed once held: a lock file another supervisor finds is never one not yet taken.
+    staging.rename(run_dir / LOCK_NAME)
+    return run_dir, lock
+
+
+def remove_dead_run_dirs(parent: Path) -> None:
+    """Remove the run directories of supervisors that were killed: those whose lock
+    nobody holds (the kernel drops a flock when the last process holding it exits, so
+    a free lock proves the supervisor and all its workers gone). One without a lock
+    file is left alone: it is not provably dead."""
+    for run_dir in parent.glob(f"{RUN_PREFIX}*"):
+        try:
+            lock = os.open(run_dir / LOCK_NAME, os.O_RDONLY)
+        except OSError:
+            continue  # no lock file, or another user's
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            continue  # held: its supervisor or one of its workers lives
+        finally:
+            os.close(lock)
+        log.info("removing %s, left by a supervisor that was killed", run_dir)
+        shutil.rmtree(run_dir, ignore_errors=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
+import socket
 import time
 import urllib.error
 import urllib.request
@@ -18,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from s3cache.sandbox.proxy import client_of
 from s3cache.sandbox.seaweed import SeaweedS3
 from tests.cached_proxy import BLOCK, Cached, _client, get, put, running_cache
 
@@ -162,6 +164,106 @@ def _linked(cached: Cached) -> bool:
         return bool(cached.stats()["workers"]["secondaries"])
     except (OSError, KeyError):
         return False
+
+
+def test_a_killed_supervisor_takes_its_workers_and_a_restart_serves_at_once(
+    tmp_path: Path, upstream: SeaweedS3, bucket: str
+) -> None:
+    with running_cache(tmp_path, upstream, "--workers", "2", cache_size="256MiB") as cached:
+        wait_for(lambda: _linked(cached), "the secondary links")
+        bodies = {f"k{i}": put(cached, bucket, f"k{i}", BLOCK + i) for i in range(8)}
+        keys = list(bodies) * 3
+        assert read_all(cached, upstream, bucket, keys) == [bodies[k] for k in keys]
+        workers = worker_pids(cached)
+        assert sorted(workers) == [0, 1]
+        old_run_dir = _run_dir(workers[0])
+        assert cached.proxy.pid is not None
+        os.kill(cached.proxy.pid, signal.SIGKILL)
+        assert cached.proxy.wait(10) == -signal.SIGKILL
+        try:
+            wait_for(
+                lambda: not any(_alive(pid) for pid in workers.values()),
+                "the workers to die with their supervisor",
+                timeout=10,
+            )
+        finally:  # orphans left by a failure do not outlive the test
+            for pid in workers.values():
+                if _alive(pid):
+                    os.kill(pid, signal.SIGKILL)
+        # No orphan holds the port. (A killed process's main thread is a zombie before
+        # its other threads have exited and its sockets closed: waited for, bounded.)
+        wait_for(lambda: _bindable(cached.proxy.port), "the port to be free", timeout=10)
+        # Again on the same port and cache directory. The clients are made first (each
+        # will open its own connection) so that the reads start as soon as any worker
+        # accepts connections: the primary may still be opening the index.
+        clients = [_client_without_retries(cached, upstream) for _ in keys]
+        cached.proxy.start(wait=False)
+        wait_for(lambda: _accepts(cached.proxy.port), "a worker listening")
+        assert _read_once_each(clients, bucket, keys) == [bodies[k] for k in keys]
+        writer = client_of(cached.proxy.endpoint_url, upstream)
+        new = os.urandom(BLOCK + 99)
+        writer.put_object(Bucket=bucket, Key="k0", Body=new)
+        writer.close()
+        clients = [_client_without_retries(cached, upstream) for _ in range(24)]
+        assert set(_read_once_each(clients, bucket, ["k0"] * 24)) == {new}
+        # The killed supervisor's run directory went when the new one started.
+        assert not old_run_dir.exists()
+
+
+def _client_without_retries(cached: Cached, upstream: SeaweedS3) -> Any:
+    return client_of(cached.proxy.endpoint_url, upstream, retries={"total_max_attempts": 1})
+
+
+def _read_once_each(clients: list[Any], bucket: str, keys: list[str]) -> list[bytes]:
+    """Key i read by client i (each on its own new connection), CONNECTIONS at once,
+    with no retry at all: a 503 fails the read. The clients are closed."""
+
+    def one(job: tuple[Any, str]) -> bytes:
+        client, key = job
+        try:
+            return get(client, bucket, key)
+        finally:
+            client.close()
+
+    with ThreadPoolExecutor(CONNECTIONS) as pool:
+        return list(pool.map(one, zip(clients, keys, strict=True)))
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie waiting for its reaper holds no socket: not alive)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"
+
+
+def _run_dir(pid: int) -> Path:
+    """The run directory of a worker's supervisor (its primary's socket is in it)."""
+    for item in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+        name, _, value = item.partition(b"=")
+        if name == b"S3CACHE_INTERNAL_WORKER_PRIMARY":
+            return Path(value.decode().removeprefix("unix:")).parent
+    raise AssertionError(f"worker {pid} has no primary URL")
+
+
+def _bindable(port: int) -> bool:
+    """A plain listener (no SO_REUSEPORT) could take the port."""
+    with socket.socket() as plain:
+        plain.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is fine
+        try:
+            plain.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _accepts(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except OSError:
+        return False
+    return True
 
 
 def test_sighup_reloads_every_worker(tmp_path: Path, upstream: SeaweedS3, bucket: str) -> None:

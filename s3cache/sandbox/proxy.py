@@ -123,7 +123,9 @@ class S3CacheProcess:
         )
         return env
 
-    def start(self, timeout: float = 30.0) -> None:
+    def start(self, timeout: float = 30.0, *, wait: bool = True) -> None:
+        """Start it and wait until healthz answers 200; ``wait=False``: return once
+        the process is started (the caller waits for what it needs)."""
         self.workdir.mkdir(parents=True, exist_ok=True)
         self._log = self.log_path.open("ab")
         self._process = subprocess.Popen(
@@ -133,6 +135,8 @@ class S3CacheProcess:
             stderr=subprocess.STDOUT,
             preexec_fn=self._limit_file_size if self._max_file_size else None,
         )
+        if not wait:
+            return
         deadline = time.monotonic() + timeout
         last_error: OSError | None = None
         while time.monotonic() < deadline:

@@ -10,7 +10,9 @@ knows the client's address from the signed ``X-S3cache-Client`` header.
 
 The primary says when an announced object goes (``gone``) and, after a write, waits
 for this worker to confirm (``sync``) before the writer hears back. Without a channel
-(start-up, the primary restarting) this worker serves nothing itself.
+(start-up, the primary restarting) this worker serves nothing itself. While the
+primary's socket takes no connections yet (it is opening the index, or being started
+again) a request waits for it, up to PRIMARY_WAIT_SECONDS, instead of failing with 503.
 """
 
 from __future__ import annotations
@@ -59,6 +61,10 @@ MAX_REPLICAS = 16384  # announced objects remembered
 MAX_OPEN_FILES = 4096  # of their files kept open, as the primary (least recently used closed)
 READS_FLUSH_SECONDS = 0.2
 RECONNECT_SECONDS = 0.5
+# How long a request waits for the primary's socket to take connections (the primary
+# opening its index at start-up, or started again after a crash); then 503.
+PRIMARY_WAIT_SECONDS = 15.0
+PRIMARY_RETRY_SECONDS = 0.05
 PROXY_CHUNK = 1 << 20
 # Request headers that describe this hop only; the body is re-framed on the next one.
 _HOP_BY_HOP = frozenset(
@@ -292,19 +298,36 @@ class Secondary:
             self._role.index, request.method, request.raw_path, client
         )
         headers[CLIENT_HEADER] = client
-        try:
-            answer = await self._session.request(
-                request.method,
-                yarl.URL("http://s3cache" + request.raw_path, encoded=True),
-                headers=headers,
-                data=request.content if request.body_exists else None,
-                allow_redirects=False,
-                skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
-            )
-        except (aiohttp.ClientError, OSError) as exc:
-            raise ServiceUnavailable(f"The cache's primary worker is unavailable: {exc}") from exc
+        answer = await self._send_to_primary(request, headers)
         async with answer:
             return await relay_response(request, answer, _pieces(answer))
+
+    async def _send_to_primary(
+        self, request: web.Request, headers: CIMultiDict[str]
+    ) -> aiohttp.ClientResponse:
+        """The primary's answer head; while its socket takes no connections, try again
+        for up to PRIMARY_WAIT_SECONDS, then ServiceUnavailable."""
+        assert self._session is not None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + PRIMARY_WAIT_SECONDS
+        while True:
+            try:
+                return await self._session.request(
+                    request.method,
+                    yarl.URL("http://s3cache" + request.raw_path, encoded=True),
+                    headers=headers,
+                    data=request.content if request.body_exists else None,
+                    allow_redirects=False,
+                    skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
+                )
+            except aiohttp.ClientConnectorError as exc:
+                # Not connected: nothing of the request (body included) was sent, so it
+                # may go again once the primary listens.
+                if loop.time() >= deadline:
+                    raise _unavailable(exc) from exc
+                await asyncio.sleep(PRIMARY_RETRY_SECONDS)
+            except (aiohttp.ClientError, OSError) as exc:
+                raise _unavailable(exc) from exc
 
     # --- the channel -----------------------------------------------------------------
 
@@ -348,6 +371,10 @@ class Secondary:
             reads = self.replicas.take_reads()
             if reads:
                 await socket.send_str(json.dumps({"reads": reads}))
+
+
+def _unavailable(exc: BaseException) -> ServiceUnavailable:
+    return ServiceUnavailable(f"The cache's primary worker is unavailable: {exc}")
 
 
 async def _pieces(answer: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
