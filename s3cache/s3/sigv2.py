@@ -150,28 +150,22 @@ def verify_sigv2(
     if not path.startswith("/"):
         raise InvalidRequest("request target must be an absolute path")
     header_map = _header_map(headers)
-    query = [(_text(name), value) for name, value in _split_query(raw_query)]
-    authorization = header_map.get("authorization")
-    if authorization:
-        access_key, signature = _parse_authorization(authorization)
-        when, date_line = _request_time(header_map)
-        if abs(now - when) > max_skew:
-            raise RequestTimeTooSkewed(_TOO_SKEWED)
-    else:
-        access_key, signature, date_line = _parse_query_auth(query)
-        when = _expiry(date_line, now)
+    query = _query(raw_query)
+    presigned = "authorization" not in header_map
+    access_key, signature, date_line, when = _signature_parameters(
+        header_map, query, now, max_skew
+    )
     secret = secrets(access_key)
     if secret is None:
         raise InvalidAccessKeyId(
             "The AWS Access Key Id you provided does not exist in our records."
         )
     payload_mode, payload_sha256 = _payload(header_map)
-    presigned = not authorization
-    amz_query = [] if authorization else query
-    for resource in _canonical_resources(path, query, virtual_host_bucket):
-        string = string_to_sign(method, header_map, date_line, resource, amz_query)
-        expected = _sign(secret, string)
-        if _matches(expected, signature):
+    strings = _strings_to_sign(
+        method, path, query, header_map, date_line, presigned, virtual_host_bucket
+    )
+    for string in strings:
+        if _matches(_sign(secret, string), signature):
             return VerifiedRequest(
                 access_key=access_key,
                 payload_mode=payload_mode,
@@ -187,26 +181,66 @@ def verify_sigv2(
 
 
 def string_to_sign(
+    method: str, raw_path: str, headers: Headers, *, virtual_host_bucket: str | None = None
+) -> str:
+    """The StringToSign of a request as S3 computes it, whether or not its signature
+    parameters are valid: presigned when it has query authentication parameters and no
+    Authorization header, else signed (or to be signed) in the header."""
+    path, _, raw_query = raw_path.partition("?")
+    header_map = _header_map(headers)
+    query = _query(raw_query)
+    presigned = "authorization" not in header_map and any(
+        name in _QUERY_PARAMS for name, _ in query
+    )
+    if presigned:
+        date_line = next((_text(value) for name, value in query if name == "Expires"), "")
+    else:
+        date_line = _date_line(header_map)
+    strings = _strings_to_sign(
+        method, path, query, header_map, date_line, presigned, virtual_host_bucket
+    )
+    return next(strings)
+
+
+def _strings_to_sign(
     method: str,
+    path: str,
+    query: list[tuple[str, str]],
     header_map: dict[str, list[str]],
     date_line: str,
-    resource: str,
-    query: list[tuple[str, str]],
-) -> str:
-    """The StringToSign; ``query`` (decoded names, raw values) is given for a presigned
-    request, whose ``x-amz-*`` parameters are signed as headers, and empty otherwise."""
-    return "\n".join(
-        (
-            method,
-            _positional(header_map, "content-md5"),
-            _positional(header_map, "content-type"),
-            date_line,
-            _amz_headers(header_map, query) + resource,
-        )
-    )
+    presigned: bool,
+    bucket: str | None,
+) -> Iterator[str]:
+    """The StringToSign for each spelling of the canonical resource, S3's first. A
+    presigned request's ``x-amz-*`` query parameters are signed as headers."""
+    amz = _amz_headers(header_map, query if presigned else [])
+    md5 = _positional(header_map, "content-md5")
+    content_type = _positional(header_map, "content-type")
+    head = f"{method}\n{md5}\n{content_type}\n{date_line}\n{amz}"
+    for resource in _canonical_resources(path, query, bucket):
+        yield head + resource
 
 
 # -- parsing ------------------------------------------------------------------------------
+
+
+def _signature_parameters(
+    header_map: dict[str, list[str]],
+    query: list[tuple[str, str]],
+    now: datetime,
+    max_skew: timedelta,
+) -> tuple[str, str, str, datetime]:
+    """The access key, signature, Date line and instant (the request time; presigned:
+    the expiry) of either form, once the time checks out."""
+    authorization = header_map.get("authorization")
+    if not authorization:
+        access_key, signature, expires = _parse_query_auth(query)
+        return access_key, signature, expires, _expiry(expires, now)
+    access_key, signature = _parse_authorization(authorization)
+    when = _request_time(header_map)
+    if abs(now - when) > max_skew:
+        raise RequestTimeTooSkewed(_TOO_SKEWED)
+    return access_key, signature, _date_line(header_map), when
 
 
 def _parse_authorization(values: list[str]) -> tuple[str, str]:
@@ -226,17 +260,17 @@ def _parse_authorization(values: list[str]) -> tuple[str, str]:
     return access_key, signature
 
 
-def _request_time(header_map: dict[str, list[str]]) -> tuple[datetime, str]:
-    """The request time and the Date line: ``x-amz-date`` if present ("if you include
-    the x-amz-date header, use the empty string for the Date when constructing the
-    StringToSign"), else ``Date`` as sent. Both are HTTP dates (RFC 2616 formats); an
-    ``x-amz-date`` in SigV4's ISO 8601 form is taken too (it is signed either way)."""
+def _query(raw_query: str) -> list[tuple[str, str]]:
+    """Query pairs: decoded names, raw (still encoded) values."""
+    return [(_text(name), value) for name, value in _split_query(raw_query)]
+
+
+def _request_time(header_map: dict[str, list[str]]) -> datetime:
+    """The request time: ``x-amz-date`` if present, else ``Date``. Both are HTTP dates
+    (RFC 2616 formats); an ``x-amz-date`` in SigV4's ISO 8601 form is taken too (it is
+    signed either way)."""
     amz_date = header_map.get("x-amz-date")
-    if amz_date is not None:
-        values, date_line = amz_date, ""
-    else:
-        values = header_map.get("date", [])
-        date_line = values[0].strip() if len(values) == 1 else ""
+    values = amz_date if amz_date is not None else header_map.get("date", [])
     when = None
     if len(values) == 1:
         when = _parse_http_date(values[0])
@@ -244,7 +278,16 @@ def _request_time(header_map: dict[str, list[str]]) -> tuple[datetime, str]:
             when = _parse_timestamp(values[0])
     if when is None:
         raise AccessDenied(_NO_DATE)
-    return when, date_line
+    return when
+
+
+def _date_line(header_map: dict[str, list[str]]) -> str:
+    """Date as sent, or empty when ``x-amz-date`` is present ("if you include the
+    x-amz-date header, use the empty string for the Date when constructing the
+    StringToSign"): x-amz-date is then signed among the x-amz-* headers."""
+    if "x-amz-date" in header_map:
+        return ""
+    return ",".join(value.strip() for value in header_map.get("date", []))
 
 
 def _parse_query_auth(query: list[tuple[str, str]]) -> tuple[str, str, str]:
