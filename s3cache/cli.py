@@ -49,7 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     jobs_parser.add_argument("--endpoint", default="http://127.0.0.1:8080", help="its URL")
     jobs_parser.add_argument("--cancel", metavar="ID", help="cancel this job")
     verify_parser = commands.add_parser(
-        "verify", help="check every cached block against its hash; drop damaged ones"
+        "verify",
+        help="check every cache file and block; drop what is damaged or missing (exit 3 if "
+        "anything was)",
     )
     verify_parser.add_argument("--endpoint", default="http://127.0.0.1:8080", help="its URL")
     args = parser.parse_args(argv)
@@ -60,9 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "stats":
         return _print_table(_admin(args.endpoint, "stats"))
     if args.command == "verify":
-        report = _admin(args.endpoint, "verify", method="POST")
-        code = _print_table(report)
-        return code or (3 if isinstance(report, dict) and report.get("corrupt_blocks") else 0)
+        return verify(args.endpoint)
     if args.command == "demo":
         from s3cache.sandbox.demo import run_demo
 
@@ -193,6 +193,28 @@ def _size(nbytes: float) -> str:
             return f"{nbytes:.1f} {unit}" if unit != "B" else f"{nbytes:.0f} B"
         nbytes /= 1024
     return f"{nbytes} B"
+
+
+def verify(endpoint: str) -> int:
+    """Run a running s3cache's verify and print its report: the counts as a table, then
+    one line per damaged entry. Exit 0 if nothing was damaged, 3 if something was (and
+    was repaired), 1 if the report could not be had."""
+    report = _admin(endpoint, "verify", method="POST")
+    if not isinstance(report, dict):
+        return 1
+    damaged = report.pop("damaged", [])
+    _print_table(report)
+    for item in damaged:
+        blocks = ",".join(str(block) for block in item.get("blocks", []))
+        detail = f" ({item['detail']})" if item.get("detail") else ""
+        where = f"s3://{item['bucket']}/{item['key']}"
+        print(f"{item['problem']:<9}  {where}  blocks {blocks or '-'}{detail}")
+    found = sum(report.get(name, 0) for name in DAMAGE_COUNTS)
+    return 3 if found else 0
+
+
+# Counts of a verify report that mean damage was found (and repaired).
+DAMAGE_COUNTS = ("corrupt_blocks", "missing_files", "truncated_files")
 
 
 def jobs(endpoint: str, cancel: str | None) -> int:

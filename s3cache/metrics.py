@@ -58,6 +58,13 @@ class UpstreamKind(enum.Enum):
     PROBE = "probe"  # readiness check
 
 
+class DegradedReason(enum.Enum):
+    """Why a cache dir cannot take blocks (``s3cache_cache_degraded_dirs``)."""
+
+    NO_SPACE = "no_space"  # ENOSPC/EDQUOT, or less than a block free
+    IO_ERROR = "io_error"  # EIO and any other refusal (read-only, permissions…)
+
+
 class Revalidation(enum.Enum):
     UNCHANGED = "unchanged"
     CHANGED = "changed"
@@ -138,7 +145,9 @@ UPSTREAM_FILL_BYTES = Counter(
     "s3cache_upstream_fill_bytes_total", "Bytes received from the upstream into the cache"
 )
 CACHE_CAPACITY = Gauge(
-    "s3cache_cache_capacity_bytes", "Configured cache size", multiprocess_mode=_LIVE_SUM
+    "s3cache_cache_capacity_bytes",
+    "Cache size in effect: cache_size, or less where the cache dirs cannot hold that much",
+    multiprocess_mode=_LIVE_SUM,
 )
 CACHE_USED = Gauge(
     "s3cache_cache_used_bytes", "Bytes of blocks held in the cache", multiprocess_mode=_LIVE_SUM
@@ -149,6 +158,12 @@ CACHE_ENTRIES = Gauge(
 CACHE_DEGRADED = Gauge(
     "s3cache_cache_degraded",
     "1 while the cache cannot write to one of its directories",
+    multiprocess_mode=_LIVE_SUM,
+)
+CACHE_DEGRADED_DIRS = Gauge(
+    "s3cache_cache_degraded_dirs",
+    "Cache dirs that cannot take blocks now, by reason (no_space, io_error)",
+    ["reason"],
     multiprocess_mode=_LIVE_SUM,
 )
 CACHE_WRITE_ERRORS = Counter(

@@ -238,7 +238,13 @@ class Reader:
         self, request: web.Request, response: web.StreamResponse, entry: Entry, start: int, end: int
     ) -> None:
         fd = await self._store.fd(entry)
-        await send_file_range(request, response, fd, start, end - start)
+        try:
+            await send_file_range(request, response, fd, start, end - start)
+        except EOFError as exc:
+            # The file was cut short after its blocks were checked (the connection is
+            # aborted already): check them again before they are served next time.
+            self._store.suspect(entry)
+            raise ConnectionResetError(f"cache file ended early: {exc}") from exc
 
     async def _stream_uncached(
         self, request: web.Request, response: web.StreamResponse, entry: Entry, start: int, end: int

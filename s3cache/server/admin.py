@@ -4,7 +4,7 @@ GET  healthz            alive
 GET  readyz             upstream reachable, cache dirs writable, index open
 GET  stats              the cache at a glance (JSON)
 GET  metrics            Prometheus text format
-POST verify             check every block's hash now
+POST verify             check every cache file and block now, repair the index (a report)
 POST prefetch           start a warm job: {"bucket", "prefix"} or {"bucket", "keys"}
 GET  jobs               warm jobs and their progress
 GET  jobs/ID            one job
@@ -182,6 +182,9 @@ async def readiness_problems(app: web.Application) -> dict[str, str]:
     unreachable = await app[UPSTREAM].probe()
     if unreachable:
         problems["upstream"] = unreachable
+    waiting = app[CLUSTER].waiting_for()
+    if waiting:
+        problems["peers"] = f"waiting for first probe of {len(waiting)} peers"
     return problems
 
 
@@ -195,10 +198,12 @@ def stats(app: web.Application, values: Snapshot) -> dict[str, object]:
     served_total = sum(served.values())
     return {
         "capacity_bytes": store.capacity,
+        "configured_capacity_bytes": store.configured_capacity,
         "used_bytes": store.used,
         "entries": store.entries,
         "entries_in_memory": store.entries_in_view(),
         "degraded": store.degraded,
+        "degraded_dirs": {f"cache_dir_{n}": f.reason.value for n, f in store.faults.items()},
         "reads": reads,
         "served_bytes": served,
         "byte_hit_ratio": served["cache"] / served_total if served_total else None,

@@ -9,25 +9,41 @@ Crash-safe ordering: an entry's row is committed before its file is created; a b
 is recorded only after its bytes are written; rows are deleted (committed) before the
 file is unlinked. Files left without a row by a crash are removed by a background
 sweep after start-up (start-up itself reads one aggregate, not the data files).
+
+Damage from outside (a file deleted, truncated, overwritten or replaced while s3cache
+runs or is stopped) is never served: a block is hashed before it is first served, an
+open file whose fstat changed behind s3cache's back (``files.Stamp``) has its blocks
+hashed again, a file that cannot be opened has its blocks cleared and is created anew,
+and one deleted while open has its entry dropped. ``verify_all`` checks everything and
+repairs the index as diskcache's ``check(fix=True)`` does.
+
+Disk trouble: a write that fails marks its cache dir degraded (no space, or I/O error)
+and the read goes on uncached; no new entry goes to a degraded dir. A background check
+(statvfs and a probe write) clears the mark when the dir takes writes again, and caps
+the capacity in effect at what the cache dirs' filesystems can hold.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import secrets
+import sqlite3
 import time
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from s3cache.config import Settings
 from s3cache.metrics import (
     CACHE_CAPACITY,
     CACHE_DEGRADED,
+    CACHE_DEGRADED_DIRS,
     CACHE_ENTRIES,
     CACHE_EVICTED_BYTES,
     CACHE_EVICTIONS,
@@ -36,7 +52,8 @@ from s3cache.metrics import (
     CORRUPT_BLOCKS,
     PREFETCH_WASTED_BYTES,
     SCRUBBED_BYTES,
-    sample,
+    DegradedReason,
+    labelled,
 )
 from s3cache.store import files
 from s3cache.store.entry import Entry, ObjectMeta
@@ -51,18 +68,70 @@ ACCESS_FLUSH_SECONDS = 2.0
 EVICTION_BATCH = 256
 ORPHAN_BATCH = 500
 SCRUB_PAUSE_SECONDS = 60.0  # after a full pass
+DISK_CHECK_SECONDS = 2.0  # free space and degraded dirs are looked at this often
+VERIFY_LISTED = 100  # damaged entries named one by one in a verify report
+# Errors that say the disk is full. (EFBIG, a file over a size limit, is about one
+# object, not the dir: that object is not cached, the dir stays in use.)
+_NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 
 class CacheWriteError(Exception):
     """The cache could not store bytes (disk full, I/O error): serve without caching."""
 
 
+@dataclass(frozen=True, slots=True)
+class DirFault:
+    """Why a cache dir takes no blocks now."""
+
+    reason: DegradedReason
+    message: str  # for readyz: "cache dir /x: no space left (ENOSPC)"
+
+
+@dataclass(slots=True)
+class VerifyReport:
+    """What ``verify_all`` found and repaired (README, "Verifying the cache")."""
+
+    entries: int = 0
+    bytes_checked: int = 0
+    corrupt_blocks: int = 0  # blocks whose bytes did not match their hash: dropped
+    missing_files: int = 0  # deleted, or not a readable file: entry dropped
+    truncated_files: int = 0  # shorter than the object: the blocks past the end dropped
+    entries_dropped: int = 0
+    orphan_files: int = 0  # files no entry claims: removed
+    errors: int = 0  # entries that could not be checked (an error reading them)
+    damaged: list[dict[str, object]] = field(default_factory=list)
+    damaged_not_listed: int = 0
+
+    def add(self, row: EntryRow, found: files.Inspection) -> None:
+        if found.problem is None:
+            return
+        if found.problem == "missing":
+            self.missing_files += 1
+            self.entries_dropped += 1
+        else:
+            self.corrupt_blocks += len(found.bad)
+            self.truncated_files += found.problem == "truncated"
+        if len(self.damaged) >= VERIFY_LISTED:
+            self.damaged_not_listed += 1
+            return
+        item: dict[str, object] = {"bucket": row.bucket, "key": row.key, "problem": found.problem}
+        item["blocks"] = sorted(found.bad)
+        if found.detail:
+            item["detail"] = found.detail
+        self.damaged.append(item)
+
+    def as_dict(self) -> dict[str, object]:
+        return {name: getattr(self, name) for name in self.__slots__}
+
+
 class CacheStore:
     def __init__(self, settings: Settings, *, view_size: int = 4096) -> None:
         self._dirs = settings.cache_dirs
-        self._capacity = settings.cache_size
-        self._high = int(settings.cache_size * settings.cache_high_watermark)
-        self._low = int(settings.cache_size * settings.cache_low_watermark)
+        self._configured = settings.cache_size
+        self._high_fraction = settings.cache_high_watermark
+        self._low_fraction = settings.cache_low_watermark
+        self._capacity = self._high = self._low = 0
+        self._set_capacity(settings.cache_size)
         self.block_size = settings.block_size
         self._scrub_rate = settings.scrub_rate
         self._view: OrderedDict[tuple[str, str], Entry] = OrderedDict()
@@ -79,7 +148,8 @@ class CacheStore:
         # Eviction order hint from the prefetcher (lower is evicted first; ties in LRU
         # order): objects an epoch manifest needs soon stay.
         self.eviction_rank: Callable[[str, str], float] = lambda bucket, key: 0.0
-        self.degraded = False  # a write to a cache dir failed since the last success
+        self.faults: dict[int, DirFault] = {}  # cache dirs that take no blocks now
+        self._opening: dict[int, asyncio.Future[int | None]] = {}  # fds being opened
         # Called with an entry's id when it can no longer be served whole: dropped,
         # evicted, or a block found damaged (the worker hub tells the secondaries).
         self.on_gone: list[Callable[[int], None]] = []
@@ -94,14 +164,15 @@ class CacheStore:
             return index, index.used_bytes(), index.entry_count()
 
         self._index, self.used, self.entries = await self._in_index_thread(open_index)
-        CACHE_CAPACITY.set(self._capacity)
         CACHE_USED.set_function(lambda: self.used)
         CACHE_ENTRIES.set_function(lambda: self.entries)
-        CACHE_DEGRADED.set_function(lambda: float(self.degraded))
+        self._publish_faults()
+        await self._check_disks()
         self._tasks = [
             asyncio.create_task(self._flush_access_times_forever()),
             asyncio.create_task(self._evict_forever()),
             asyncio.create_task(self._sweep_orphans()),
+            asyncio.create_task(self._check_disks_forever()),
         ]
         if self._scrub_rate:
             self._tasks.append(asyncio.create_task(self._scrub_forever()))
@@ -132,7 +203,23 @@ class CacheStore:
 
     @property
     def capacity(self) -> int:
+        """The capacity in effect: ``cache_size``, or less if the disks hold less."""
         return self._capacity
+
+    @property
+    def configured_capacity(self) -> int:
+        return self._configured
+
+    @property
+    def degraded(self) -> bool:
+        """A cache dir takes no blocks now (full, or failing)."""
+        return bool(self.faults)
+
+    def _set_capacity(self, capacity: int) -> None:
+        self._capacity = capacity
+        self._high = int(capacity * self._high_fraction)
+        self._low = int(capacity * self._low_fraction)
+        CACHE_CAPACITY.set(capacity)
 
     def entries_in_view(self) -> int:
         return len(self._view)
@@ -164,6 +251,9 @@ class CacheStore:
             await self.drop(old)
         now = time.time()
         directory = files.choose_dir(bucket, key, len(self._dirs))
+        fault = self.faults.get(directory)
+        if fault is not None:
+            raise CacheWriteError(fault.message)
         name = files.file_name(bucket, key, meta.etag, secrets.token_hex(8))
         row = EntryRow(
             id=0,
@@ -181,16 +271,15 @@ class CacheStore:
             accessed_at=now,
             blocks={},
         )
-        entry_id = await self._in_index_thread(self.index.insert, row)
+        entry_id = await self._index_write(self.index.insert, row)
         self.entries += 1
         entry = self._entry_from_row(row, entry_id=entry_id)
         try:
-            entry.fd = await _run(files.create_sparse, entry.path, meta.size)
+            entry.fd, entry.stamp = await _run(files.recreate_sparse, entry.path, meta.size)
         except OSError as exc:
-            self._write_failed()
+            self._write_failed(directory, exc)
             await self.drop(entry)
             raise CacheWriteError(f"cannot create cache file: {exc}") from exc
-        self.degraded = False
         self._remember(entry)
         return entry
 
@@ -209,10 +298,17 @@ class CacheStore:
         self._accessed.pop(entry.id, None)
         self.used -= sum(entry.block_length(block) for block in entry.blocks)
         self.entries -= 1
-        await self._in_index_thread(self.index.delete, [entry.id])
+        try:
+            await self._in_index_thread(self.index.delete, [entry.id])
+        except sqlite3.Error as exc:
+            # The row stays, so the file stays too (a row must never claim a file
+            # that is gone); ``s3cache verify`` or a later drop removes both.
+            self._index_failed(exc)
+            log.error("cannot delete the index row of s3://%s/%s: %s", entry.bucket, entry.key, exc)
+            return
         if entry.pins == 0:
             _close_fd(entry)
-        await _run(files.unlink, entry.path)
+        await _run(files.remove_any, entry.path)
 
     async def invalidate(self, bucket: str, key: str) -> None:
         entry = await self.lookup(bucket, key)
@@ -268,22 +364,67 @@ class CacheStore:
         await self._in_index_thread(self.index.set_validated, entry.id, entry.validated_at)
 
     async def fd(self, entry: Entry) -> int:
-        if entry.fd is None:
+        """The entry's open file (opened once, whatever the number of callers)."""
+        if entry.fd is not None:
+            return entry.fd
+        pending = self._opening.get(entry.id)
+        if pending is None:
+            pending = asyncio.get_running_loop().create_future()
+            self._opening[entry.id] = pending
+            fd: int | None = None
             try:
-                entry.fd = await _run(files.open_existing, entry.path)
-            except FileNotFoundError as exc:
-                if entry.blocks or entry.dropped:
-                    raise CacheWriteError(f"cannot open cache file: {exc}") from exc
-                # A crash between the row's commit and the file's creation left a row
-                # without a file (and without blocks): create the file now.
-                try:
-                    entry.fd = await _run(files.open_or_create, entry.path, entry.size)
-                except OSError as exc:
-                    self._write_failed()
-                    raise CacheWriteError(f"cannot create cache file: {exc}") from exc
-            except OSError as exc:
+                fd = await self._open_file(entry)
+            finally:
+                del self._opening[entry.id]
+                pending.set_result(fd)
+            return fd
+        fd = await asyncio.shield(pending)
+        if fd is None or entry.fd is None:
+            raise CacheWriteError(f"cannot open cache file {entry.path}")
+        return fd
+
+    async def _open_file(self, entry: Entry) -> int:
+        try:
+            fd, entry.stamp = await _run(files.open_stamped, entry.path)
+            entry.fd = fd
+            return fd
+        except OSError as exc:
+            if entry.dropped:
                 raise CacheWriteError(f"cannot open cache file: {exc}") from exc
-        return entry.fd
+            if entry.blocks:
+                # Deleted, or replaced by something that is not our file, while s3cache
+                # was stopped (or before it first opened it): its blocks are lost.
+                log.error(
+                    "s3://%s/%s: cache file unusable (%s): its blocks are dropped and will "
+                    "be fetched again",
+                    entry.bucket,
+                    entry.key,
+                    exc,
+                )
+                await self._clear_blocks(entry)
+            # (Without blocks: a crash between the row's commit and the file's creation
+            # left a row without a file.) A new, empty file.
+        try:
+            fd, entry.stamp = await _run(files.recreate_sparse, entry.path, entry.size)
+        except OSError as exc:
+            self._write_failed(entry.dir, exc)
+            raise CacheWriteError(f"cannot create cache file: {exc}") from exc
+        entry.fd = fd
+        return fd
+
+    async def _clear_blocks(self, entry: Entry) -> None:
+        """Forget every block of an entry whose file is lost."""
+        self._gone(entry.id)
+        entry.blocks.clear()
+        entry.verified.clear()
+        cleared = await self._in_index_thread(self.index.clear_blocks, entry.id)
+        if not entry.dropped:
+            self.used -= cleared
+
+    def suspect(self, entry: Entry) -> None:
+        """The entry's file did not read as expected (it ended early): hash every block
+        again before it is served."""
+        entry.verified.clear()
 
     # --- filling -----------------------------------------------------------------
 
@@ -303,15 +444,55 @@ class CacheStore:
 
     async def write(self, entry: Entry, offset: int, data: bytes) -> None:
         try:
-            await _run(files.write_at, await self.fd(entry), offset, data)
+            stamp = await _run(files.write_at, await self.fd(entry), offset, data)
         except OSError as exc:
-            self._write_failed()
+            self._write_failed(entry.dir, exc)
             raise CacheWriteError(f"cannot write cache file: {exc}") from exc
-        self.degraded = False
+        # Writes of parallel fetches may come back out of order: keep the latest.
+        if entry.stamp is None or stamp.ctime_ns >= entry.stamp.ctime_ns:
+            entry.stamp = stamp
+        fault = self.faults.get(entry.dir)
+        if fault is not None and fault.reason is DegradedReason.IO_ERROR:
+            del self.faults[entry.dir]  # it takes writes again (space: see _check_disks)
+            self._publish_faults()
 
-    def _write_failed(self) -> None:
-        self.degraded = True
+    def _write_failed(self, directory: int, exc: OSError) -> None:
         CACHE_WRITE_ERRORS.inc()
+        if exc.errno == errno.EFBIG:
+            return  # this object is too large for the filesystem; the dir is fine
+        self._fault(directory, exc)
+
+    def _fault(self, directory: int, exc: OSError) -> None:
+        where = f"cache dir {self._dirs[directory]}"
+        name = errno.errorcode.get(exc.errno or 0, "?")
+        if exc.errno in _NO_SPACE:
+            fault = DirFault(DegradedReason.NO_SPACE, f"{where}: no space left ({name})")
+        else:
+            message = f"{where}: I/O error ({name}: {exc.strerror})"
+            fault = DirFault(DegradedReason.IO_ERROR, message)
+        if self.faults.get(directory) != fault:
+            log.warning("%s: fills stop there, reads go on uncached", fault.message)
+        self.faults[directory] = fault
+        self._publish_faults()
+
+    def _index_failed(self, exc: sqlite3.Error) -> None:
+        """The index (on the first cache dir) refused a write: that dir is degraded."""
+        full = getattr(exc, "sqlite_errorname", "") == "SQLITE_FULL"
+        self._fault(0, OSError(errno.ENOSPC if full else errno.EIO, str(exc)))
+
+    async def _index_write(self, function: Callable[..., T], *args: Any) -> T:
+        try:
+            return await self._in_index_thread(function, *args)
+        except sqlite3.Error as exc:
+            CACHE_WRITE_ERRORS.inc()
+            self._index_failed(exc)
+            raise CacheWriteError(f"index write failed: {exc}") from exc
+
+    def _publish_faults(self) -> None:
+        CACHE_DEGRADED.set(float(bool(self.faults)))
+        for reason in DegradedReason:
+            count = sum(1 for fault in self.faults.values() if fault.reason is reason)
+            labelled(CACHE_DEGRADED_DIRS, reason.value).set(count)
 
     async def check(self) -> dict[str, str]:
         """Problems that make the cache unfit to serve, by check name (empty: ready)."""
@@ -321,11 +502,66 @@ class CacheStore:
         except Exception as exc:
             problems["index"] = f"index not usable: {exc}"
         for number, directory in enumerate(self._dirs):
-            try:
-                await _run(files.probe_writable, directory)
-            except OSError as exc:
-                problems[f"cache_dir_{number}"] = f"{directory} not writable: {exc.strerror}"
+            if number not in self.faults:
+                try:
+                    await _run(files.probe_writable, directory)
+                except OSError as exc:
+                    self._fault(number, exc)
+            fault = self.faults.get(number)
+            if fault is not None:
+                problems[f"cache_dir_{number}"] = fault.message
         return problems
+
+    async def _check_disks(self) -> None:
+        """Cap the capacity at what the filesystems can hold; mark dirs with less than a
+        block free as out of space, and clear the marks of dirs that take writes again."""
+        spaces = [await _run(files.disk_space, directory) for directory in self._dirs]
+        free_by_device = {space.device: space for space in spaces}
+        room = sum(space.free - self._reserve(space) for space in free_by_device.values())
+        capacity = max(0, min(self._configured, self.used + room))
+        if capacity != self._capacity:
+            if capacity < self._configured and abs(capacity - self._capacity) > capacity // 10:
+                log.warning(
+                    "cache_size is %d bytes but the cache dirs can hold only %d more than "
+                    "the cache holds now: capacity capped at %d bytes",
+                    self._configured,
+                    max(room, 0),
+                    capacity,
+                )
+            self._set_capacity(capacity)
+            if self.used + self.reserved > self._high:
+                self._evict_needed.set()
+        for number, space in enumerate(spaces):
+            fault = self.faults.get(number)
+            if fault is None and space.free < self.block_size:
+                self._fault(number, OSError(errno.ENOSPC, "less than a block free"))
+            elif fault is not None and await self._recovered(number, fault, space):
+                del self.faults[number]
+                self._publish_faults()
+                log.warning("cache dir %s takes writes again", self._dirs[number])
+
+    def _reserve(self, space: files.DiskSpace) -> int:
+        """Room left free on a filesystem for the index and its journal."""
+        return max(self.block_size, space.total // 100)
+
+    async def _recovered(self, number: int, fault: DirFault, space: files.DiskSpace) -> bool:
+        if fault.reason is DegradedReason.NO_SPACE and space.free < self._reserve(space) + (
+            self.block_size
+        ):
+            return False
+        try:
+            await _run(files.probe_writable, self._dirs[number])
+        except OSError:
+            return False
+        return True
+
+    async def _check_disks_forever(self) -> None:
+        while True:
+            await asyncio.sleep(DISK_CHECK_SECONDS)
+            try:
+                await self._check_disks()
+            except OSError as exc:
+                log.warning("cannot check the cache dirs' free space: %s", exc)
 
     async def read(self, entry: Entry, offset: int, length: int) -> bytes:
         return await _run(files.read_at, await self.fd(entry), offset, length)
@@ -353,6 +589,8 @@ class CacheStore:
         now — once, whatever the number of readers waiting for it — and a damaged block
         is dropped (and fetched again), never served. Verification thus advances block
         by block with the readers instead of holding them until a whole range is done."""
+        if entry.fd is not None and entry.verified and not entry.fetches:
+            await self._check_stamp(entry, entry.fd)
         position = start
         while position < end:
             block = entry.block_of(position)
@@ -366,6 +604,33 @@ class CacheStore:
                     break  # it was damaged: dropped
             position = min(entry.block_range(block)[1], end)
         return position
+
+    async def _check_stamp(self, entry: Entry, fd: int) -> None:
+        """Before verified blocks are served again: has anyone but s3cache changed the
+        open file? One fstat on the loop (an open file's inode is in memory; no disk
+        I/O). Skipped while fetches write to the entry, whose own writes move the
+        stamp: the file is looked at again once they are done."""
+        now = files.stamp(fd)
+        if now == entry.stamp:
+            return
+        if now.links == 0 and not entry.dropped:
+            # Deleted: this process still reads the right bytes through its fd, but the
+            # index must not claim the file any longer.
+            log.error(
+                "s3://%s/%s: cache file deleted behind s3cache's back: entry dropped",
+                entry.bucket,
+                entry.key,
+            )
+            await self.drop(entry)
+            return
+        log.warning(
+            "s3://%s/%s: cache file changed behind s3cache's back: its blocks are checked "
+            "again",
+            entry.bucket,
+            entry.key,
+        )
+        entry.stamp = now
+        entry.verified.clear()
 
     async def _verify_block(self, entry: Entry, block: int) -> None:
         pending = entry.verifying.get(block)
@@ -381,7 +646,16 @@ class CacheStore:
                 entry.block_length(block),
                 entry.blocks[block],
             )
-            bad = await _run(files.corrupt_blocks, await self.fd(entry), [check])
+            try:
+                fd = await self.fd(entry)
+            except CacheWriteError:
+                # A dropped entry whose file is gone: nothing of it can be served.
+                entry.blocks.clear()
+                entry.verified.clear()
+                return
+            if block not in entry.blocks:
+                return  # the file was lost and its blocks cleared while opening it
+            bad = await _run(files.corrupt_blocks, fd, [check])
             if bad:
                 await self.drop_block(entry, block)
             elif block in entry.blocks:
@@ -420,7 +694,10 @@ class CacheStore:
     async def _flush_access_times_forever(self) -> None:
         while True:
             await asyncio.sleep(ACCESS_FLUSH_SECONDS)
-            await self._flush_access_times()
+            try:
+                await self._flush_access_times()
+            except sqlite3.Error as exc:  # a full disk: this batch of times is lost (LRU hints)
+                self._index_failed(exc)
 
     async def _evict_forever(self) -> None:
         while True:
@@ -470,7 +747,7 @@ class CacheStore:
                 await self._in_index_thread(self.index.delete, [entry_id])
                 self.used -= present
                 self.entries -= 1
-                await _run(files.unlink, files.file_path(self._dirs[directory], name))
+                await _run(files.remove_any, files.file_path(self._dirs[directory], name))
             finally:
                 self._evicting.discard(entry_id)
         CACHE_EVICTIONS.inc()
@@ -488,25 +765,44 @@ class CacheStore:
                 continue
             for row in rows:
                 cursor = row.id
-                checked = await self.scrub(row)
+                try:
+                    checked = await self.scrub(row)
+                except (OSError, sqlite3.Error, CacheWriteError) as exc:
+                    log.warning("scrub: cannot check s3://%s/%s: %s", row.bucket, row.key, exc)
+                    continue
                 SCRUBBED_BYTES.inc(checked)
                 await asyncio.sleep(checked / self._scrub_rate)
 
-    async def verify_all(self) -> dict[str, int]:
-        """Check every block of every entry now (``s3cache verify``)."""
-        cursor = entries = checked = 0
-        before = sample(CORRUPT_BLOCKS)
+    async def verify_all(self) -> dict[str, object]:
+        """Check every entry's file and blocks now, repair the index, remove orphan
+        files (``s3cache verify``): diskcache's ``check(fix=True)``. Never raises for
+        damage; an entry that cannot be checked is counted in ``errors``."""
+        report = VerifyReport()
+        cursor = 0
         while rows := await self._in_index_thread(self.index.entries_after, cursor, 64):
             for row in rows:
                 cursor = row.id
-                entries += 1
-                checked += await self.scrub(row)
-        corrupt = int(sample(CORRUPT_BLOCKS) - before)
-        return {"entries": entries, "bytes_checked": checked, "corrupt_blocks": corrupt}
+                report.entries += 1
+                try:
+                    checked, found = await self._check_entry(row)
+                except (OSError, sqlite3.Error, CacheWriteError) as exc:
+                    log.warning("verify: cannot check s3://%s/%s: %s", row.bucket, row.key, exc)
+                    report.errors += 1
+                    continue
+                report.bytes_checked += checked
+                report.add(row, found)
+        report.orphan_files = await self._remove_orphans(before=None)
+        return report.as_dict()
 
     async def scrub(self, row: EntryRow) -> int:
-        """Check every present block of an entry; drop the damaged ones. Returns the
-        bytes read."""
+        """Check an entry's file and every present block; repair what is damaged.
+        Returns the bytes read."""
+        checked, _ = await self._check_entry(row)
+        return checked
+
+    async def _check_entry(self, row: EntryRow) -> tuple[int, files.Inspection]:
+        """Check an entry (through its open file if it is in the view, else through its
+        row): a missing file drops the entry; damaged or truncated blocks are dropped."""
         entry = self._view.get((row.bucket, row.key))
         if entry is not None and entry.id == row.id and not entry.dropped:
             checks = [
@@ -515,24 +811,59 @@ class CacheStore:
             ]
             self.pin(entry)  # eviction must not close the fd while it is read
             try:
-                bad = await _run(files.corrupt_blocks, await self.fd(entry), checks)
-                for block in bad:
-                    await self.drop_block(entry, block)
+                if entry.fd is not None:
+                    found = await _run(files.inspect, entry.fd, entry.size, checks)
+                else:
+                    found = await _run(files.inspect_path, entry.path, entry.size, checks)
+                if found.problem == "missing":
+                    log.error("s3://%s/%s: cache file missing: entry dropped", row.bucket, row.key)
+                    await self.drop(entry)
+                else:
+                    for block in found.bad:
+                        await self.drop_block(entry, block)
+                    if found.problem == "truncated":
+                        await _run(files.restore_size, entry.path, entry.size)
             finally:
                 self.unpin(entry)
-            return sum(length for _, _, length, _ in checks)
+            return sum(length for _, _, length, _ in checks), found
         path = files.file_path(self._dirs[row.dir], row.file)
         checks = []
         for block, xxh3 in row.blocks.items():
             start = block * row.block_size
             checks.append((block, start, min(row.block_size, row.size - start), xxh3))
+        found = await _run(files.inspect_path, path, row.size, checks)
+        if found.problem == "missing":
+            if not await self._drop_lost_row(row):
+                found = files.Inspection(None, [])  # evicted or replaced meanwhile
+        else:
+            if found.bad:
+                await self._drop_scrubbed(row, found.bad)
+            if found.problem == "truncated":
+                await _run(files.restore_size, path, row.size)
+        return sum(length for _, _, length, _ in checks), found
+
+    async def _drop_lost_row(self, row: EntryRow) -> bool:
+        """Drop an entry whose file is missing, checked through its row; False if the
+        row is no longer current (then its file is gone for that reason)."""
+        current = await self._in_index_thread(self.index.get, row.bucket, row.key)
+        if current is None or current.id != row.id:
+            return False
+        entry = self._view.get((row.bucket, row.key))
+        if entry is not None and entry.id == row.id:
+            if not entry.dropped:
+                await self.drop(entry)  # loaded meanwhile
+            return True
+        log.error("s3://%s/%s: cache file missing: entry dropped", row.bucket, row.key)
+        self._evicting.add(row.id)  # a lookup in flight must not load it
+        self._gone(row.id)
         try:
-            bad = await _run(files.corrupt_blocks_in, path, checks)
-        except OSError:
-            bad = [block for block, _, _, _ in checks]  # the file is gone or unreadable
-        if bad:
-            await self._drop_scrubbed(row, bad)
-        return sum(length for _, _, length, _ in checks)
+            await self._in_index_thread(self.index.delete, [row.id])
+            self.used -= current.present_bytes
+            self.entries -= 1
+            await _run(files.remove_any, files.file_path(self._dirs[row.dir], row.file))
+        finally:
+            self._evicting.discard(row.id)
+        return True
 
     async def _drop_scrubbed(self, row: EntryRow, bad: list[int]) -> None:
         """Drop the damaged blocks of an entry checked through its row. The row was read
@@ -558,7 +889,14 @@ class CacheStore:
     async def _sweep_orphans(self) -> None:
         """Remove block files that no index row claims (left by a crash), a batch at a
         time, after start-up."""
-        started = time.time()
+        await self._remove_orphans(before=time.time())
+
+    async def _remove_orphans(self, *, before: float | None) -> int:
+        """Remove the files (or anything else) in the data dirs that no row claims,
+        last changed before ``before`` if given; how many. A listed file's row, if it
+        has one, was committed before the file was created, so a file without a row
+        is never one being created."""
+        removed = 0
         for number, directory in enumerate(self._dirs):
             names = await _run(files.list_files, directory)
             for first in range(0, len(names), ORPHAN_BATCH):
@@ -566,8 +904,10 @@ class CacheStore:
                 unknown = await self._in_index_thread(self.index.unknown_files, number, batch)
                 for name in unknown:
                     path = files.file_path(directory, name)
-                    if await _run(files.older_than, path, started):
-                        await _run(files.unlink, path)
+                    if before is None or await _run(files.older_than, path, before):
+                        await _run(files.remove_any, path)
+                        removed += 1
+        return removed
 
 
 def _close_fds(entries: list[Entry]) -> None:

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from s3cache.store.files import Stamp
+
 
 @dataclass(frozen=True, slots=True)
 class ObjectMeta:
@@ -40,6 +42,7 @@ class Entry:
         "fetches",
         "dropped",
         "fd",
+        "stamp",
         "revalidation",
         "verified",
         "verifying",
@@ -76,6 +79,9 @@ class Entry:
         self.fetches: dict[int, Any] = {}
         self.dropped = False
         self.fd: int | None = None
+        # fstat of ``fd`` as s3cache last left the file (see ``store.cache``): another
+        # value means someone else deleted, truncated or wrote it.
+        self.stamp: Stamp | None = None
         self.revalidation: asyncio.Future[None] | None = None
         # Blocks whose bytes were checked against their hash (or written) by this
         # process: the others are checked once before they are first served.

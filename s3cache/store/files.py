@@ -6,8 +6,13 @@ Every function here blocks; callers run them in an executor.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
+import shutil
+import stat
 from pathlib import Path
+from typing import NamedTuple
 
 import xxhash
 
@@ -33,34 +38,79 @@ def file_path(cache_dir: Path, name: str) -> Path:
     return cache_dir / DATA_DIR / name[:2] / name
 
 
+class Stamp(NamedTuple):
+    """What fstat says of an open cache file: another process that deletes, truncates
+    or writes it changes one of these (``st_ctime`` cannot be set back from user space)."""
+
+    size: int
+    links: int
+    ctime_ns: int
+
+
+def stamp(fd: int) -> Stamp:
+    """Cheap (no disk I/O: the inode of an open file is in memory), so the loop may
+    call it before serving a hit."""
+    st = os.fstat(fd)
+    return Stamp(st.st_size, st.st_nlink, st.st_ctime_ns)
+
+
+def _make_parent(path: Path) -> None:
+    """The file's directory, made if missing; a plain file in its place (left there by
+    something else than s3cache) is removed first."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        path.parent.unlink()
+        path.parent.mkdir()
+
+
 def create_sparse(path: Path, size: int) -> int:
     """Create (or truncate) the file at ``size`` bytes, all holes; return an fd."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    _make_parent(path)
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    os.ftruncate(fd, size)
+    try:
+        os.ftruncate(fd, size)
+    except BaseException:
+        os.close(fd)
+        raise
     return fd
 
 
-def open_or_create(path: Path, size: int) -> int:
+def recreate_sparse(path: Path, size: int) -> tuple[int, Stamp]:
+    """Whatever is at ``path`` (a damaged file, a directory) replaced by a new sparse
+    file of ``size`` bytes; its fd and stamp."""
+    remove_any(path)
+    fd = create_sparse(path, size)
+    return fd, stamp(fd)
+
+
+def open_or_create(path: Path, size: int) -> tuple[int, Stamp]:
     """Open the file, creating it sparse at ``size`` bytes if it is missing or empty
     (never truncating bytes that are there)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    _make_parent(path)
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     if os.fstat(fd).st_size == 0:
         os.ftruncate(fd, size)
-    return fd
+    return fd, stamp(fd)
 
 
 def open_existing(path: Path) -> int:
     return os.open(path, os.O_RDWR | os.O_CLOEXEC)
 
 
-def write_at(fd: int, offset: int, data: bytes | memoryview) -> None:
+def open_stamped(path: Path) -> tuple[int, Stamp]:
+    fd = open_existing(path)
+    return fd, stamp(fd)
+
+
+def write_at(fd: int, offset: int, data: bytes | memoryview) -> Stamp:
+    """Write all of ``data`` at ``offset``; the file's stamp after the write."""
     view = memoryview(data)
     while view:
         written = os.pwrite(fd, view, offset)
         offset += written
         view = view[written:]
+    return stamp(fd)
 
 
 def read_at(fd: int, offset: int, length: int) -> bytes:
@@ -85,17 +135,76 @@ def corrupt_blocks(fd: int, blocks: list[tuple[int, int, int, int]]) -> list[int
     return bad
 
 
-def corrupt_blocks_in(path: Path, blocks: list[tuple[int, int, int, int]]) -> list[int]:
-    """corrupt_blocks() of a file that is not open."""
-    fd = open_existing(path)
+class Inspection(NamedTuple):
+    """What checking a cache file against its index rows found."""
+
+    problem: str | None  # None, "missing" (or not a readable file), "truncated", "corrupt"
+    bad: list[int]  # blocks whose bytes do not hash to their recorded value
+    detail: str = ""
+
+
+def inspect(fd: int, size: int, blocks: list[tuple[int, int, int, int]]) -> Inspection:
+    """Check an open file of an object of ``size`` bytes: deleted (no link left),
+    shorter than the object, or with damaged blocks."""
+    st = os.fstat(fd)
+    bad = corrupt_blocks(fd, blocks)
+    if st.st_nlink == 0:
+        return Inspection("missing", bad, "the file was deleted")
+    if st.st_size < size:
+        return Inspection("truncated", bad, f"{st.st_size} of {size} bytes")
+    return Inspection("corrupt" if bad else None, bad)
+
+
+def inspect_path(path: Path, size: int, blocks: list[tuple[int, int, int, int]]) -> Inspection:
+    """inspect() of a file that is not open. A file that cannot be opened (missing, a
+    directory, unreadable) is "missing": none of its blocks can be served."""
     try:
-        return corrupt_blocks(fd, blocks)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        return Inspection("missing", [block for block, *_ in blocks], _describe(exc))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return Inspection("missing", [block for block, *_ in blocks], "not a regular file")
+        return inspect(fd, size, blocks)
+    except OSError as exc:
+        return Inspection("missing", [block for block, *_ in blocks], _describe(exc))
     finally:
         os.close(fd)
 
 
+def restore_size(path: Path, size: int) -> None:
+    """Give a truncated file its length back (holes: its lost blocks are refetched)."""
+    try:
+        fd = open_existing(path)
+    except FileNotFoundError:
+        return  # evicted meanwhile
+    try:
+        if os.fstat(fd).st_size < size:
+            os.ftruncate(fd, size)
+    finally:
+        os.close(fd)
+
+
+def _describe(exc: OSError) -> str:
+    name = errno.errorcode.get(exc.errno or 0, "")
+    return f"{exc.strerror or exc} ({name})" if name else str(exc)
+
+
 def unlink(path: Path) -> None:
-    path.unlink(missing_ok=True)
+    """Remove the file if it is there (a missing directory on the way is no error)."""
+    # NotADirectoryError: a file where the file's directory should be: no file here.
+    with contextlib.suppress(NotADirectoryError):
+        path.unlink(missing_ok=True)
+
+
+def remove_any(path: Path) -> None:
+    """Remove whatever is at ``path``: a file, or a directory put in a file's place."""
+    try:
+        unlink(path)
+    except (IsADirectoryError, PermissionError):
+        if not path.is_dir():
+            raise
+        shutil.rmtree(path)
 
 
 def probe_writable(cache_dir: Path) -> None:
@@ -108,6 +217,18 @@ def probe_writable(cache_dir: Path) -> None:
     finally:
         os.close(fd)
         probe.unlink(missing_ok=True)
+
+
+class DiskSpace(NamedTuple):
+    device: int  # st_dev: dirs on one filesystem share its space
+    free: int  # bytes an unprivileged writer may still use
+    total: int
+
+
+def disk_space(cache_dir: Path) -> DiskSpace:
+    fs = os.statvfs(cache_dir)
+    device = os.stat(cache_dir).st_dev
+    return DiskSpace(device, fs.f_bavail * fs.f_frsize, fs.f_blocks * fs.f_frsize)
 
 
 def older_than(path: Path, moment: float) -> bool:
@@ -123,4 +244,9 @@ def list_files(cache_dir: Path) -> list[str]:
     root = cache_dir / DATA_DIR
     if not root.is_dir():
         return []
-    return [name for sub in os.scandir(root) if sub.is_dir() for name in os.listdir(sub.path)]
+    return [
+        name
+        for sub in os.scandir(root)
+        if sub.is_dir(follow_symlinks=False)
+        for name in os.listdir(sub.path)
+    ]

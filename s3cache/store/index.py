@@ -207,6 +207,18 @@ class Index:
             )
         return True
 
+    def clear_blocks(self, entry_id: int) -> int:
+        """Forget every block of an entry (its file is lost); the bytes they counted."""
+        with self._transaction():
+            row = self._db.execute(
+                "SELECT present_bytes FROM entries WHERE id = ?", (entry_id,)
+            ).fetchone()
+            if row is None:
+                return 0
+            self._db.execute("DELETE FROM blocks WHERE entry_id = ?", (entry_id,))
+            self._db.execute("UPDATE entries SET present_bytes = 0 WHERE id = ?", (entry_id,))
+        return int(row[0])
+
     def delete(self, entry_ids: Iterable[int]) -> None:
         with self._transaction():
             self._db.executemany("DELETE FROM entries WHERE id = ?", [(i,) for i in entry_ids])
