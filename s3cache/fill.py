@@ -12,12 +12,21 @@ one response never mixes two versions.
 
 Opening an object (its first fetch) is single-flight per key too: the first block
 GET, sent without If-Match, also brings the object's metadata.
+
+Every upstream answer is checked against what was asked before a byte of it is used
+(:func:`s3cache.s3.objectmeta.check_answer`): only an exact answer is cached; a valid
+one the cache cannot keep (no ETag, no Last-Modified, size unknown, 200 to a Range)
+makes the reader pass the client's request through uncached; one of another version
+is VersionChanged; anything else is BrokenAnswer. A body must be exactly as long as
+announced (:func:`s3cache.upstream.iter_body`): a block is never recorded from a body
+that ends short or runs long.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import random
 import time
@@ -39,10 +48,10 @@ from s3cache.metrics import (
     UpstreamKind,
     labelled,
 )
-from s3cache.s3.objectmeta import MetadataError, meta_from_response, parse_content_range
+from s3cache.s3.objectmeta import Checked, Verdict, check_answer
 from s3cache.store.cache import CacheStore, CacheWriteError
 from s3cache.store.entry import Entry, ObjectMeta
-from s3cache.upstream import Upstream, UpstreamBroken, iter_body
+from s3cache.upstream import OverlongBody, Upstream, UpstreamBroken, iter_body
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +66,32 @@ class VersionChanged(FetchFailed):
 
 class UpstreamBusy(FetchFailed):
     """The upstream answered 5xx (InternalError, SlowDown…): worth retrying."""
+
+
+class BrokenAnswer(FetchFailed):
+    """The upstream's answer contradicts the request or itself (another range, a body
+    longer than announced…): none of its bytes can be trusted, and retrying is no use."""
+
+
+_DEMAND_ORDER = itertools.count()
+
+
+class Demand:
+    """One client request, as the fetches it starts and joins know it: the request is
+    counted once in s3cache_coalesced_waiters_total when it first waits on a fetch an
+    earlier request started (so N concurrent readers of a cold object count N-1 at most,
+    one reader alone counts 0, however many fetches its read-ahead starts)."""
+
+    __slots__ = ("order", "joined")
+
+    def __init__(self) -> None:
+        self.order = next(_DEMAND_ORDER)
+        self.joined = False
+
+    def join(self, fetch: BlockFetch) -> None:
+        if not self.joined and fetch.demand is not None and fetch.demand.order < self.order:
+            self.joined = True
+            COALESCED_WAITERS.inc()
 
 
 class CacheFull(Exception):
@@ -77,10 +112,19 @@ class BlockFetch:
         "done",
         "hasher",
         "prefetch",
+        "demand",
         "_waiters",
     )
 
-    def __init__(self, entry: Entry, first: int, last: int, *, prefetch: bool = False) -> None:
+    def __init__(
+        self,
+        entry: Entry,
+        first: int,
+        last: int,
+        *,
+        prefetch: bool = False,
+        demand: Demand | None = None,
+    ) -> None:
         self.entry = entry
         self.first = first
         self.last = last
@@ -91,6 +135,7 @@ class BlockFetch:
         self.done = False
         self.hasher = xxhash.xxh3_64()  # of the block being written, across retries
         self.prefetch = prefetch
+        self.demand = demand  # the request that started it (None: prefetch)
         self._waiters: list[asyncio.Future[None]] = []
 
     @property
@@ -136,7 +181,13 @@ class Filler:
     # --- opening -----------------------------------------------------------------
 
     async def open(
-        self, bucket: str, key: str, first_block: int | None, *, prefetch: bool = False
+        self,
+        bucket: str,
+        key: str,
+        first_block: int | None,
+        *,
+        prefetch: bool = False,
+        demand: Demand | None = None,
     ) -> Opened:
         """The entry of an object that is not in the in-memory view: from the index, or
         created with its first block fetch (``first_block``), or from a HEAD (None).
@@ -156,7 +207,7 @@ class Filler:
             elif first_block is None:
                 opened = await self._open_from_head(bucket, key)
             else:
-                opened = await self._open(bucket, key, first_block, prefetch=prefetch)
+                opened = await self._open(bucket, key, first_block, prefetch, demand)
             if (bucket, key) in self._overtaken and opened.entry is not None:
                 # A write finished while this open was in flight: this reader (and
                 # those waiting with it) began before it and may see the old version,
@@ -178,34 +229,32 @@ class Filler:
         await self._store.invalidate(bucket, key)
 
     async def _open(
-        self, bucket: str, key: str, first_block: int, *, prefetch: bool = False
+        self, bucket: str, key: str, first_block: int, prefetch: bool, demand: Demand | None
     ) -> Opened:
         block_size = self._store.block_size
         start = first_block * block_size
-        url = self._upstream.url(bucket, key)
-        headers = {"Range": f"bytes={start}-{start + block_size - 1}"}
+        asked = (start, start + block_size - 1)
         UPSTREAM_BLOCK_FETCHES.inc()
-        response = await self._upstream.request("GET", url, headers, kind=UpstreamKind.BLOCK)
+        response = await self._upstream.request(
+            "GET",
+            self._upstream.url(bucket, key),
+            {"Range": f"bytes={asked[0]}-{asked[1]}"},
+            kind=UpstreamKind.BLOCK,
+        )
         if response.status == 416:  # empty object, or starting past its end
             response.release()
             return await self._open_from_head(bucket, key)
         if response.status not in (200, 206):
-            return Opened(None, response)
-        try:
-            meta = meta_from_response(response.status, response.headers)
-        except MetadataError:
-            return Opened(None, response)
-        got = _response_span(response, meta.size)
-        entry = await self._create(bucket, key, meta)
-        if entry is None or got is None:
-            return Opened(None, response, uncacheable=True)
-        first, last = entry.block_of(got[0]), entry.block_of(max(got[0], got[1] - 1))
-        if got != (entry.block_range(first)[0], entry.block_range(last)[1]) or not meta.size:
-            response.release()  # not block-aligned (an odd upstream): refetch as usual
-            return Opened(entry)
+            return Opened(None, response)  # an error answer: the client gets it as it is
+        checked = check_answer("GET", response.status, response.headers, asked)
+        entry = await self._keep(bucket, key, checked)
+        if entry is None or not entry.size:
+            _discard(response, checked)
+            return Opened(entry, uncacheable=entry is None)
+        first = entry.block_of(start)
         # With no room, readers find the blocks missing and serve them uncached.
         with contextlib.suppress(CacheFull):
-            self._start(entry, first, last, response, prefetch=prefetch)
+            self._start(entry, first, first, response, prefetch=prefetch, demand=demand)
         return Opened(entry)
 
     async def _open_from_head(self, bucket: str, key: str) -> Opened:
@@ -215,13 +264,17 @@ class Filler:
         )
         if response.status != 200:
             return Opened(None, response)
-        try:
-            meta = meta_from_response(200, response.headers)
-        except MetadataError:
-            return Opened(None, response)
         response.release()
-        entry = await self._create(bucket, key, meta)
+        entry = await self._keep(bucket, key, check_answer("HEAD", 200, response.headers, None))
         return Opened(entry, uncacheable=entry is None)
+
+    async def _keep(self, bucket: str, key: str, checked: Checked) -> Entry | None:
+        """The entry of a checked answer's version; None if it is not to be cached (the
+        client's own request then goes upstream, and gets the upstream's answer)."""
+        if checked.verdict is not Verdict.CACHEABLE or checked.meta is None:
+            log.info("not caching s3://%s/%s: %s", bucket, key, checked.reason)
+            return None
+        return await self._create(bucket, key, checked.meta)
 
     async def _create(self, bucket: str, key: str, meta: ObjectMeta) -> Entry | None:
         if meta.size > self._store.capacity:
@@ -234,9 +287,17 @@ class Filler:
 
     # --- block fetches -----------------------------------------------------------
 
-    def fetch(self, entry: Entry, block: int, *, prefetch: bool = False) -> BlockFetch | None:
-        """The fetch bringing ``block``: an existing one, or a new one. None if the
-        block is present. Raises CacheFull if the cache cannot take it.
+    def fetch(
+        self,
+        entry: Entry,
+        block: int,
+        *,
+        prefetch: bool = False,
+        demand: Demand | None = None,
+    ) -> BlockFetch | None:
+        """The fetch bringing ``block``: an existing one (which ``demand`` joins), or a
+        new one. None if the block is present. Raises CacheFull if the cache cannot take
+        it.
 
         A prefetch fetch does not take one of the demand slots: the prefetcher's own
         workers are its concurrency budget, so demand reads never queue behind it."""
@@ -244,12 +305,14 @@ class Filler:
             return None
         existing = entry.fetches.get(block)
         if existing is not None:
-            if not prefetch:
-                COALESCED_WAITERS.inc()
+            if demand is not None:
+                demand.join(existing)
             return existing  # type: ignore[no-any-return]
-        return self._start(entry, block, block, None, prefetch=prefetch)
+        return self._start(entry, block, block, None, prefetch=prefetch, demand=demand)
 
-    def read_ahead(self, entry: Entry, block: int, last_block: int) -> None:
+    def read_ahead(
+        self, entry: Entry, block: int, last_block: int, demand: Demand | None = None
+    ) -> None:
         """Start fetches for the missing blocks after ``block``, up to ``last_block``,
         keeping at most the per-object number of fetches in flight."""
         for ahead in range(block + 1, last_block + 1):
@@ -257,7 +320,7 @@ class Filler:
                 return
             if ahead not in entry.blocks and ahead not in entry.fetches:
                 try:
-                    self._start(entry, ahead, ahead, None)
+                    self._start(entry, ahead, ahead, None, demand=demand)
                 except CacheFull:
                     return
 
@@ -269,8 +332,9 @@ class Filler:
         response: aiohttp.ClientResponse | None,
         *,
         prefetch: bool = False,
+        demand: Demand | None = None,
     ) -> BlockFetch:
-        fetch = BlockFetch(entry, first, last, prefetch=prefetch)
+        fetch = BlockFetch(entry, first, last, prefetch=prefetch, demand=demand)
         if not self._store.reserve(fetch.end - fetch.start):
             if response is not None:
                 response.release()
@@ -352,16 +416,20 @@ class Filler:
 
     async def _request(self, fetch: BlockFetch) -> aiohttp.ClientResponse:
         entry = fetch.entry
-        start = fetch.filled_to
-        headers = {"Range": f"bytes={start}-{fetch.end - 1}", "If-Match": entry.meta.etag}
+        asked = (fetch.filled_to, fetch.end - 1)
+        headers = {"Range": f"bytes={asked[0]}-{asked[1]}", "If-Match": entry.meta.etag}
         UPSTREAM_BLOCK_FETCHES.inc()
         response = await self._upstream.request(
             "GET", self._upstream.url(entry.bucket, entry.key), headers, kind=UpstreamKind.BLOCK
         )
         if response.status in (200, 206):
-            got = _response_span(response, entry.size)
-            if got is not None and got[0] <= start and got[1] >= fetch.end:
+            checked = check_answer("GET", response.status, response.headers, asked, entry.meta)
+            if checked.verdict is Verdict.CACHEABLE:
                 return response
+            _discard(response, checked)
+            if checked.verdict is Verdict.CHANGED:
+                raise VersionChanged(f"s3://{entry.bucket}/{entry.key} is {checked.reason}")
+            raise BrokenAnswer(f"block fetch answer not usable: {checked.reason}")
         response.release()
         if response.status == 412:
             raise VersionChanged(f"s3://{entry.bucket}/{entry.key} changed upstream")
@@ -371,24 +439,20 @@ class Filler:
 
     async def _receive(self, fetch: BlockFetch, response: aiohttp.ClientResponse) -> None:
         """Write the body into the file from the first byte still missing, recording
-        each block once it is complete. A 200 answer to a range request (an upstream
-        that ignores Range) is skipped up to that byte."""
+        each block once it is complete. The answer was checked to carry exactly the
+        bytes asked; a body that ends short is UpstreamBroken (resumed), one that runs
+        long is BrokenAnswer, its last block never recorded."""
         entry = fetch.entry
         position = fetch.filled_to
-        skip = position - (_response_span(response, entry.size) or (0, 0))[0]
-        async for chunk in iter_body(response, kind=UpstreamKind.BLOCK):
-            if skip:
-                dropped = min(skip, len(chunk))
-                chunk, skip = chunk[dropped:], skip - dropped
-            chunk = chunk[: fetch.end - position]
-            if not chunk:
-                continue
-            await self._store.write(entry, position, chunk)
-            UPSTREAM_FILL_BYTES.inc(len(chunk))
-            position = await self._account(fetch, position, chunk)
-            if position >= fetch.end:
-                return
-        raise UpstreamBroken(f"body ended at byte {position}, expected {fetch.end}")
+        body = iter_body(response, kind=UpstreamKind.BLOCK, length=fetch.end - position)
+        try:
+            async for chunk in body:
+                await self._store.write(entry, position, chunk)
+                UPSTREAM_FILL_BYTES.inc(len(chunk))
+                position = await self._account(fetch, position, chunk)
+        except OverlongBody as exc:
+            response.close()
+            raise BrokenAnswer(str(exc)) from exc
 
     async def _account(self, fetch: BlockFetch, position: int, chunk: bytes) -> int:
         """Hash the written chunk, record the blocks it completes, wake readers."""
@@ -452,11 +516,8 @@ class Filler:
             labelled(REVALIDATIONS, Revalidation.GONE.value).inc()
             return None
         labelled(REVALIDATIONS, Revalidation.CHANGED.value).inc()
-        try:
-            meta = meta_from_response(200, response.headers)
-        except MetadataError:
-            return None
-        return await self._create(entry.bucket, entry.key, meta)
+        checked = check_answer("HEAD", 200, response.headers, None)
+        return await self._keep(entry.bucket, entry.key, checked)
 
     async def close(self) -> None:
         for task in list(self._tasks):
@@ -464,11 +525,11 @@ class Filler:
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
-def _response_span(response: aiohttp.ClientResponse, size: int) -> tuple[int, int] | None:
-    """Byte offsets [start, end) that a 200/206 body carries."""
-    if response.status == 200:
-        return 0, size
-    content_range = parse_content_range(response.headers.get("Content-Range"))
-    if content_range is None:
-        return None
-    return content_range[0], content_range[1] + 1
+def _discard(response: aiohttp.ClientResponse, checked: Checked) -> None:
+    """Leave an answer unread: its connection goes back to the pool if the answer was
+    sound, and is closed if not, since its framing is not to be trusted (bytes past a
+    wrong Content-Length would be read as the next answer on that connection)."""
+    if checked.verdict is Verdict.BROKEN:
+        response.close()
+    else:
+        response.release()

@@ -29,12 +29,19 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
-from s3cache.errors import IncompleteBody, InvalidRequest, RequestTimeout, XAmzContentSHA256Mismatch
+from s3cache.errors import (
+    IncompleteBody,
+    InvalidRequest,
+    RequestTimeout,
+    ServiceUnavailable,
+    XAmzContentSHA256Mismatch,
+)
 from s3cache.metrics import UpstreamKind
 from s3cache.s3.addressing import S3Address
 from s3cache.s3.chunked import AwsChunkedDecoder, AwsChunkedError
+from s3cache.s3.objectmeta import announced_length
 from s3cache.s3.sigv4 import ChunkVerifier, VerifiedRequest, chunk_verifier
-from s3cache.upstream import UNSIGNED_PAYLOAD, Upstream, UpstreamBroken, iter_body
+from s3cache.upstream import UNSIGNED_PAYLOAD, OverlongBody, Upstream, UpstreamBroken, iter_body
 
 log = logging.getLogger(__name__)
 
@@ -108,8 +115,17 @@ async def relay_response(
     """Copy an upstream response (status, headers, body) to the client; ``body``: its
     pieces, if not read (and counted) as an upstream response body.
 
-    If the upstream body breaks off (UpstreamBroken), the client's connection is
-    aborted: a client must never take a short body for a whole one."""
+    If the upstream body breaks off, or is shorter or longer than its head announced
+    (Content-Length, or a 206's Content-Range), the client's connection is aborted: a
+    client must never take a short body for a whole one, nor a whole one for the
+    upstream's."""
+    length: int | None = None
+    if body is None and request.method != "HEAD":
+        try:
+            length = announced_length(response.status, response.headers)
+        except ValueError as exc:
+            response.close()  # its framing is not trusted: the connection is not reused
+            raise ServiceUnavailable(f"upstream answer contradicts itself: {exc}") from None
     out = web.StreamResponse(
         status=response.status, reason=response.reason, headers=response_headers(response)
     )
@@ -119,14 +135,16 @@ async def relay_response(
     if request.method == "HEAD":
         return out
     try:
-        chunks = iter_body(response, kind=UpstreamKind.FORWARD) if body is None else body
-        async for chunk in chunks:
+        if body is None:
+            body = iter_body(response, kind=UpstreamKind.FORWARD, length=length)
+        async for chunk in body:
             await out.write(chunk)
     except ConnectionError:
         abort(request)  # the client went away
         return out
-    except UpstreamBroken as exc:
-        log.warning("upstream body broke off, aborting the client connection: %s", exc)
+    except (UpstreamBroken, OverlongBody) as exc:
+        log.warning("upstream body not as announced, aborting the client connection: %s", exc)
+        response.close()
         abort(request)
         return out
     await out.write_eof()

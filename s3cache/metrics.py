@@ -180,7 +180,8 @@ FILLS_IN_FLIGHT = Gauge(
 )
 COALESCED_WAITERS = Counter(
     "s3cache_coalesced_waiters_total",
-    "Reads that waited on a block fetch started by another request (single-flight)",
+    "Requests that joined a block fetch an earlier request started (single-flight), "
+    "each counted once",
 )
 REVALIDATIONS = Counter(
     "s3cache_revalidations_total", "Revalidations of stale entries by result", ["result"]

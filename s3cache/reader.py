@@ -20,7 +20,7 @@ from aiohttp import web
 
 from s3cache.config import LiveSettings
 from s3cache.errors import InvalidRange, PreconditionFailed, ServiceUnavailable
-from s3cache.fill import CacheFull, FetchFailed, Filler, VersionChanged
+from s3cache.fill import BrokenAnswer, CacheFull, Demand, FetchFailed, Filler, VersionChanged
 from s3cache.forward import abort, forward, relay_response
 from s3cache.metrics import (
     CACHE_READS,
@@ -33,12 +33,18 @@ from s3cache.metrics import (
 from s3cache.prefetch import Prefetcher
 from s3cache.s3.addressing import S3Address
 from s3cache.s3.conditions import Precondition, evaluate, parse_http_date
-from s3cache.s3.objectmeta import RESPONSE_OVERRIDES, not_modified_headers, object_headers
+from s3cache.s3.objectmeta import (
+    RESPONSE_OVERRIDES,
+    Verdict,
+    check_answer,
+    not_modified_headers,
+    object_headers,
+)
 from s3cache.s3.ranges import ByteRange, is_multi_range, parse_range
 from s3cache.sendfile import send_file_range
 from s3cache.store.cache import CacheStore, CacheWriteError
 from s3cache.store.entry import Entry, ObjectMeta
-from s3cache.upstream import Upstream, UpstreamBroken, iter_body
+from s3cache.upstream import OverlongBody, Upstream, UpstreamBroken, iter_body
 
 log = logging.getLogger(__name__)
 
@@ -88,8 +94,9 @@ class Reader:
 
     async def read(self, request: web.Request, address: S3Address) -> web.StreamResponse:
         assert address.bucket is not None and address.key is not None
+        demand = Demand()
         for _ in range(FETCH_ATTEMPTS):
-            entry, opened = await self._entry(request, address.bucket, address.key)
+            entry, opened = await self._entry(request, address.bucket, address.key, demand)
             if isinstance(entry, web.StreamResponse):
                 count_read(request, CacheOutcome.BYPASS)
                 return entry
@@ -97,9 +104,11 @@ class Reader:
                 return await self._bypass(request, address)
             self._store.pin(entry)
             try:
-                return await self._answer(request, address, entry, opened)
+                return await self._answer(request, address, entry, opened, demand)
             except VersionChanged:
                 continue  # nothing was sent yet: start over on the new version
+            except FetchFailed:
+                break  # nothing was sent yet: the client gets the upstream's own answer
             finally:
                 self._store.unpin(entry)
         return await self._bypass(request, address)
@@ -109,7 +118,7 @@ class Reader:
         return await forward(request, address, self._upstream)
 
     async def _entry(
-        self, request: web.Request, bucket: str, key: str
+        self, request: web.Request, bucket: str, key: str, demand: Demand
     ) -> tuple[Entry | web.StreamResponse | None, bool]:
         """The current entry of the object, opening or revalidating it as needed; or an
         upstream answer to relay; or None to forward the request uncached. The flag
@@ -119,7 +128,7 @@ class Reader:
         if entry is None or entry.dropped:
             suffix = _is_suffix_range(request.headers.get("Range"))
             first_block = None if request.method == "HEAD" or suffix else self._first_block(request)
-            opened = await self._filler.open(bucket, key, first_block)
+            opened = await self._filler.open(bucket, key, first_block, demand=demand)
             if opened.response is not None:
                 if opened.uncacheable or opened.response.method != request.method:
                     # Uncacheable, or the HEAD that opened a GET failed: the GET itself
@@ -146,7 +155,7 @@ class Reader:
         return start // self._store.block_size
 
     async def _answer(
-        self, request: web.Request, address: S3Address, entry: Entry, opened: bool
+        self, request: web.Request, address: S3Address, entry: Entry, opened: bool, demand: Demand
     ) -> web.StreamResponse:
         meta = entry.meta
         self._store.touch(entry)
@@ -163,10 +172,10 @@ class Reader:
             from_cache = _present_bytes(entry, span.start, span.end + 1)
             outcome = _outcome(from_cache, span.length)
             self._prefetcher.observe_read(entry, span.start, span.end + 1)
-            await self._first_bytes_ready(entry, span.start, span.end + 1)
+            await self._first_bytes_ready(entry, span.start, span.end + 1, demand)
             await response.prepare(request)
             try:
-                if await self._stream(request, response, entry, span.start, span.end + 1):
+                if await self._stream(request, response, entry, span.start, span.end + 1, demand):
                     await response.write_eof()
             except ConnectionError:
                 abort(request)  # the client went away: nothing more to send
@@ -176,28 +185,35 @@ class Reader:
         count_read(request, outcome)
         return response
 
-    async def _first_bytes_ready(self, entry: Entry, offset: int, end: int) -> None:
+    async def _first_bytes_ready(self, entry: Entry, offset: int, end: int, demand: Demand) -> None:
         """Before the status line goes out, make sure the version still holds: wait for
-        the first needed byte (a 412 on its block restarts the request cleanly). The
-        fetches of the following blocks start then, in parallel."""
+        the first needed byte (a 412 on its block restarts the request cleanly, an
+        answer that failed otherwise passes it through). The fetches of the following
+        blocks start then, in parallel."""
         block = entry.block_of(offset)
         try:
-            fetch = self._filler.fetch(entry, block)
+            fetch = self._filler.fetch(entry, block, demand=demand)
             if fetch is None:
-                self._filler.read_ahead(entry, block, entry.block_of(end - 1))
+                self._filler.read_ahead(entry, block, entry.block_of(end - 1), demand)
         except CacheFull:
             return
         if fetch is not None:
             # The first byte before the read-ahead: fetches started together share
             # the link and the upstream, and would delay it.
             await fetch.wait_past(offset)
-            if isinstance(fetch.error, VersionChanged):
+            if isinstance(fetch.error, FetchFailed):
                 raise fetch.error
             with contextlib.suppress(CacheFull):
-                self._filler.read_ahead(entry, block, entry.block_of(end - 1))
+                self._filler.read_ahead(entry, block, entry.block_of(end - 1), demand)
 
     async def _stream(
-        self, request: web.Request, response: web.StreamResponse, entry: Entry, start: int, end: int
+        self,
+        request: web.Request,
+        response: web.StreamResponse,
+        entry: Entry,
+        start: int,
+        end: int,
+        demand: Demand,
     ) -> bool:
         """Send bytes [start, end) of the entry: from the file where present, waiting
         for fetches where not, straight from the upstream if the cache cannot help.
@@ -213,8 +229,8 @@ class Reader:
                 continue
             block = entry.block_of(position)
             try:
-                fetch = self._filler.fetch(entry, block)
-                self._filler.read_ahead(entry, block, last_block)
+                fetch = self._filler.fetch(entry, block, demand=demand)
+                self._filler.read_ahead(entry, block, last_block, demand)
             except CacheFull:
                 return await self._stream_uncached(request, response, entry, position, end)
             if fetch is None:
@@ -226,7 +242,10 @@ class Reader:
                 position = available
             elif fetch.error is not None:
                 failures += 1
-                if isinstance(fetch.error, VersionChanged) or failures >= FETCH_ATTEMPTS:
+                # Bytes of another version, or of a broken answer, may be out already.
+                if isinstance(fetch.error, VersionChanged | BrokenAnswer) or (
+                    failures >= FETCH_ATTEMPTS
+                ):
                     log.warning("aborting a response: %s", fetch.error)
                     abort(request)
                     return False
@@ -258,12 +277,16 @@ class Reader:
                 "GET", url, headers, kind=UpstreamKind.BLOCK
             )
             async with upstream_response:
-                if upstream_response.status != 206:
-                    raise FetchFailed(f"upstream answered {upstream_response.status}")
-                async for chunk in iter_body(upstream_response, kind=UpstreamKind.BLOCK):
+                status, answer_headers = upstream_response.status, upstream_response.headers
+                checked = check_answer("GET", status, answer_headers, (start, end - 1), entry.meta)
+                if checked.verdict is not Verdict.CACHEABLE:
+                    upstream_response.close()  # its framing is not trusted either
+                    raise FetchFailed(f"upstream answered {status} {checked.reason}")
+                body = iter_body(upstream_response, kind=UpstreamKind.BLOCK, length=end - start)
+                async for chunk in body:
                     await response.write(chunk)
             return True
-        except (FetchFailed, UpstreamBroken, ServiceUnavailable) as exc:
+        except (FetchFailed, UpstreamBroken, OverlongBody, ServiceUnavailable) as exc:
             log.warning("aborting a response: uncached stream failed: %s", exc)
             abort(request)
             return False

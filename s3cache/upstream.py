@@ -10,7 +10,9 @@ parameters and bodies verbatim), which a modelled client cannot do, and the cach
 block fetches are plain ranged GETs that need nothing more.
 
 This module is the one place where aiohttp client and botocore exceptions become
-s3cache errors (:class:`s3cache.errors.ServiceUnavailable`, :class:`UpstreamBroken`).
+s3cache errors (:class:`s3cache.errors.ServiceUnavailable`, :class:`UpstreamBroken`),
+and where the rule for bodies is kept (:func:`iter_body`): a body is exactly as long as
+its head says, or the caller never sees it complete.
 """
 
 from __future__ import annotations
@@ -52,6 +54,10 @@ PROBE_TIMEOUT = 5.0
 
 class UpstreamBroken(Exception):
     """A response body from the upstream ended early or the connection failed mid-way."""
+
+
+class OverlongBody(Exception):
+    """A response body ran past the length its head announced: none of it is trusted."""
 
 
 class _VerbatimPathSigner(SigV4Auth):  # type: ignore[misc]
@@ -225,18 +231,36 @@ class Upstream:
 
 
 async def iter_body(
-    response: aiohttp.ClientResponse, *, kind: UpstreamKind
+    response: aiohttp.ClientResponse, *, kind: UpstreamKind, length: int | None = None
 ) -> AsyncIterator[bytes]:
     """The response body in pieces as they arrive; raises UpstreamBroken if it cannot
-    be read to its end."""
+    be read to its end.
+
+    With ``length`` (what the head announced), the body must be exactly that long: the
+    piece that completes it is yielded only once the body has ended there, so a body
+    that runs past it (OverlongBody) or ends before it (UpstreamBroken) is never seen
+    whole by the caller."""
     received = labelled(UPSTREAM_BYTES, kind.value)
+    seen = 0
+    last: bytes | None = None
     try:
         async for chunk in response.content.iter_any():
             received.inc(len(chunk))
+            seen += len(chunk)
+            if length is not None and seen >= length:
+                if seen > length:
+                    raise OverlongBody(f"body runs past the {length} bytes announced")
+                last = chunk
+                continue
             yield chunk
     except (TimeoutError, aiohttp.ClientError, OSError) as exc:
         labelled(UPSTREAM_ERRORS, kind.value).inc()
         raise UpstreamBroken(_describe(exc)) from exc
+    if length is not None and seen < length:
+        labelled(UPSTREAM_ERRORS, kind.value).inc()
+        raise UpstreamBroken(f"body ended at byte {seen} of the {length} announced")
+    if last is not None:
+        yield last
 
 
 def _s3_error_in_chain(exc: BaseException) -> S3Error | None:
@@ -250,4 +274,7 @@ def _s3_error_in_chain(exc: BaseException) -> S3Error | None:
 
 
 def _describe(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    """The exception in a line for a log or an error message; at most 300 characters (a
+    parse error quotes what the upstream sent, which may be a whole body)."""
+    text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    return text if len(text) <= 300 else text[:300] + "…"
