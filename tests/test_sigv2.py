@@ -817,6 +817,11 @@ def fetch(
         return error.code, error.read()
 
 
+def put_directly(upstream: SeaweedS3, bucket: str, key: str, body: bytes) -> None:
+    with contextlib.closing(upstream.client()) as direct:
+        direct.put_object(Bucket=bucket, Key=key, Body=body)
+
+
 def error_code(body: bytes) -> str:
     return body.split(b"<Code>", 1)[1].split(b"</Code>", 1)[0].decode()
 
@@ -844,7 +849,7 @@ def test_default_client_presigned_url_works(
     make_client: ClientFactory, upstream: SeaweedS3, bucket: str
 ) -> None:
     """boto3 with an endpoint_url and no signature_version presigns with SigV2."""
-    upstream.client().put_object(Bucket=bucket, Key="k", Body=b"from upstream")
+    put_directly(upstream, bucket, "k", b"from upstream")
     client = make_client("path")
     url = client.generate_presigned_url("get_object", Params={"Bucket": bucket, "Key": "k"})
     assert "AWSAccessKeyId=" in url and "X-Amz-Signature" not in url
@@ -856,6 +861,13 @@ def test_default_client_presigned_url_works(
     request = urllib.request.Request(url)
     with urllib.request.urlopen(request, timeout=30) as answer:
         assert answer.headers["Content-Disposition"] == "attachment"
+    url = client.generate_presigned_url("put_object", Params={"Bucket": bucket, "Key": "up"})
+    assert "AWSAccessKeyId=" in url
+    parts = urlsplit(url)  # http.client sends no Content-Type of its own, as most clients
+    target = f"{parts.path}?{parts.query}"
+    assert raw_request(parts.port or 80, "PUT", target, {}, b"uploaded")[0] == 200
+    with contextlib.closing(upstream.client()) as direct:
+        assert direct.get_object(Bucket=bucket, Key="up")["Body"].read() == b"uploaded"
 
 
 @pytest.mark.parametrize("style", STYLES)
@@ -923,7 +935,7 @@ def raw_request(
 def test_refusals_as_a_client_sees_them(
     s3cache: S3CacheProcess, upstream: SeaweedS3, make_client: ClientFactory, bucket: str
 ) -> None:
-    upstream.client().put_object(Bucket=bucket, Key="k", Body=b"secret bytes")
+    put_directly(upstream, bucket, "k", b"secret bytes")
     client = make_client("path", signature_version="s3")
     url = client.generate_presigned_url(
         "get_object", Params={"Bucket": bucket, "Key": "k"}, ExpiresIn=1
@@ -991,7 +1003,7 @@ def wait_for_log(proxy: S3CacheProcess, text: str, timeout: float = 10.0) -> Non
 def test_allow_sigv2_false_refuses_sigv2_and_sighup_turns_it_back_on(
     tmp_path: Path, upstream: SeaweedS3, bucket: str
 ) -> None:
-    upstream.client().put_object(Bucket=bucket, Key="k", Body=b"bytes")
+    put_directly(upstream, bucket, "k", b"bytes")
     config = tmp_path / "s3cache.toml"
     config.write_text("allow_sigv2 = false\n")
     proxy = S3CacheProcess(tmp_path / "run", upstream, extra_args=["--config", str(config)])
