@@ -160,6 +160,12 @@ def inspect_path(path: Path, size: int, blocks: list[tuple[int, int, int, int]])
     directory, unreadable) is "missing": none of its blocks can be served."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError as exc:
+        if not blocks:
+            # A crash between the row's commit and the file's creation: nothing is
+            # lost, the file is created when the entry is next used.
+            return Inspection(None, [])
+        return Inspection("missing", [block for block, *_ in blocks], _describe(exc))
     except OSError as exc:
         return Inspection("missing", [block for block, *_ in blocks], _describe(exc))
     try:
