@@ -28,6 +28,7 @@ from typing import Any
 import pytest
 from botocore.exceptions import BotoCoreError, ClientError
 
+from s3cache.s3.objectmeta import Verdict, announced_length, check_answer
 from s3cache.sandbox.proxy import S3CacheProcess, client_of
 from tests.scripted_upstream import (
     Answer,
@@ -326,3 +327,66 @@ def test_concurrent_cold_gets_count_each_joiner_once(
     with ThreadPoolExecutor(readers) as pool:
         assert all(data == body for data in pool.map(read, range(readers)))
     assert coalesced(proxy) - before <= readers - 1
+
+
+# --- the check itself (s3/objectmeta: no I/O) ---------------------------------------
+
+S3_HEAD = {"ETag": '"e"', "Last-Modified": "Wed, 01 Jan 2025 00:00:00 GMT"}
+
+
+def ranged(content_range: str, length: str | None, **extra: str) -> dict[str, str]:
+    headers = {**S3_HEAD, "Content-Range": content_range, **extra}
+    if length is not None:
+        headers["Content-Length"] = length
+    return headers
+
+
+@pytest.mark.parametrize(
+    ("status", "headers", "asked", "verdict"),
+    [
+        (206, ranged("bytes 0-9/100", "10"), (0, 9), Verdict.CACHEABLE),
+        (206, ranged("bytes 0-9/100", None), (0, 9), Verdict.CACHEABLE),  # chunked
+        (206, ranged("bytes 90-99/100", "10"), (90, 199), Verdict.CACHEABLE),  # clipped
+        (200, {**S3_HEAD, "Content-Length": "10"}, (0, 99), Verdict.CACHEABLE),  # all of it
+        (200, {**S3_HEAD, "Content-Length": "0"}, (0, 99), Verdict.CACHEABLE),  # empty
+        (200, {**S3_HEAD, "Content-Length": "100"}, (0, 9), Verdict.UNCACHED),
+        (206, ranged("bytes 0-9/*", "10"), (0, 9), Verdict.UNCACHED),
+        (206, {**ranged("bytes 0-9/100", "10"), "ETag": ""}, (0, 9), Verdict.UNCACHED),
+        (206, ranged("bytes 0-9/100", "10", **{"Last-Modified": "soon"}), (0, 9), Verdict.UNCACHED),
+        (206, ranged("bytes 1-10/100", "10"), (0, 9), Verdict.BROKEN),
+        (206, ranged("bytes 0-4/100", "5"), (0, 9), Verdict.BROKEN),
+        (206, ranged("bytes 0-9/100", "12"), (0, 9), Verdict.BROKEN),
+        (206, ranged("bytes 0-9/5", "10"), (0, 9), Verdict.BROKEN),
+        (206, ranged("bytes 9-0/100", "10"), (0, 9), Verdict.BROKEN),
+        (206, ranged("bytes 0-9/100", "ten"), (0, 9), Verdict.BROKEN),
+        (206, {**S3_HEAD, "Content-Length": "10"}, (0, 9), Verdict.BROKEN),
+    ],
+)
+def test_check_answer(
+    status: int, headers: dict[str, str], asked: tuple[int, int], verdict: Verdict
+) -> None:
+    assert check_answer("GET", status, headers, asked).verdict is verdict
+
+
+def test_check_answer_against_the_entry() -> None:
+    known = check_answer("GET", 206, ranged("bytes 0-9/100", "10"), (0, 9)).meta
+    assert known is not None and known.size == 100 and known.etag == '"e"'
+    same = check_answer("GET", 206, ranged("bytes 50-59/100", "10"), (50, 59), known)
+    assert same.verdict is Verdict.CACHEABLE
+    longer = ranged("bytes 50-59/101", "10")
+    assert check_answer("GET", 206, longer, (50, 59), known).verdict is Verdict.CHANGED
+    other = {**ranged("bytes 50-59/100", "10"), "ETag": '"f"'}
+    assert check_answer("GET", 206, other, (50, 59), known).verdict is Verdict.CHANGED
+    head = check_answer("HEAD", 200, {**S3_HEAD, "Content-Length": "100"}, None)
+    assert head.verdict is Verdict.CACHEABLE and head.meta == known
+    assert check_answer("HEAD", 200, S3_HEAD, None).verdict is Verdict.UNCACHED  # size?
+
+
+def test_announced_length() -> None:
+    assert announced_length(206, {"Content-Range": "bytes 5-14/100"}) == 10
+    assert announced_length(206, {"Content-Range": "bytes 5-14/*"}) == 10
+    assert announced_length(200, {"Content-Length": "7"}) == 7
+    assert announced_length(200, {}) is None
+    assert announced_length(304, {"Content-Length": "1000"}) is None
+    with pytest.raises(ValueError):
+        announced_length(206, {"Content-Range": "bytes 5-14/100", "Content-Length": "9"})
