@@ -1,6 +1,8 @@
-"""Who is asking, and may they? Client requests are verified with SigV4 exactly as S3
-does (``s3.sigv4``) against the configured client keys, then checked against what the
-key grants. A denied request never reaches the upstream.
+"""Who is asking, and may they? Client requests are verified with SigV4 (or SigV2,
+unless ``allow_sigv2`` is off) exactly as S3 does (``s3.signatures``) against the
+configured client keys; then everything the request touches (``s3.access``: its object,
+a copy source, the keys of a DeleteObjects body, a listing's prefix, the bucket) must be
+covered by what the key grants. A denied request never reaches the upstream.
 
 With no client keys configured, clients must sign with the credentials s3cache itself
 uses upstream (full access). Unsigned requests are refused unless ``allow_anonymous``,
