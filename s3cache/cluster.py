@@ -11,7 +11,9 @@ the owner serves every read of its keys.
 Failure: a peer that cannot be connected to within ``peer_timeout``, does not answer a
 read within ``upstream_read_timeout``, or fails its health check (``peer_timeout``), is
 taken as down; its keys go to the next node in rendezvous order (possibly
-this one) until a health check sees it back. Nodes come from ``peers`` or from the
+this one) until a health check sees it back. A peer not checked yet is not down; a
+starting node is not ready until it knows every peer's state (``waiting_for``, see
+STARTUP_GRACE_SECONDS). Nodes come from ``peers`` or from the
 addresses a DNS name (a Kubernetes headless Service) resolves to, re-resolved
 periodically.
 """
@@ -41,6 +43,13 @@ log = logging.getLogger(__name__)
 PEER_HEADER = "X-S3cache-Peer"
 PEER_AUTH_WINDOW = 300.0  # seconds a peer request's timestamp may be off
 HEALTH_SECONDS = 2.0
+# Nodes started together: the first health checks go out before the peers listen, and
+# a refused connection then says nothing of whether the peer will be up a moment later.
+# For STARTUP_GRACE_SECONDS after this node starts, a peer that has not answered yet is
+# checked every STARTUP_PROBE_SECONDS and this node is not ready (readyz) until it has
+# answered; after that a failed check settles it as down.
+STARTUP_GRACE_SECONDS = 10.0
+STARTUP_PROBE_SECONDS = 0.2
 DNS_SECONDS = 30.0
 # Request headers that shape a read's answer, passed on to the owner.
 _READ_HEADERS = (
@@ -63,6 +72,9 @@ class Cluster:
         # A cold read waits on the owner's upstream fetch: give it the upstream's time.
         self._read_timeout = settings.upstream_read_timeout
         self._down: set[str] = set()
+        self._probed: set[str] = set()  # peers health-checked at least once
+        self._answered: set[str] = set()  # peers that answered a health check once
+        self._started = time.monotonic()
         self._session: aiohttp.ClientSession | None = None
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -73,6 +85,7 @@ class Cluster:
     async def start(self) -> None:
         if not self.enabled:
             return
+        self._started = time.monotonic()
         self._session = aiohttp.ClientSession(
             auto_decompress=False,
             timeout=aiohttp.ClientTimeout(
@@ -93,6 +106,19 @@ class Cluster:
     def state(self) -> dict[str, object]:
         """The nodes and which of them are taken as down (for stats)."""
         return {"nodes": list(self._nodes), "down": sorted(self._down)} if self.enabled else {}
+
+    def waiting_for(self) -> list[str]:
+        """The peers whose state this node does not know yet (readyz waits for them):
+        not checked yet, or, while this node is starting, not answering yet."""
+        if not self.enabled:
+            return []
+        starting = time.monotonic() - self._started < STARTUP_GRACE_SECONDS
+        return [
+            node
+            for node in self._nodes
+            if node != self.self_url
+            and (node not in self._probed or (starting and node not in self._answered))
+        ]
 
     # --- ownership ---------------------------------------------------------------
 
@@ -194,7 +220,7 @@ class Cluster:
             await asyncio.gather(
                 *(self._check(node) for node in self._nodes if node != self.self_url)
             )
-            await asyncio.sleep(HEALTH_SECONDS)
+            await asyncio.sleep(STARTUP_PROBE_SECONDS if self.waiting_for() else HEALTH_SECONDS)
 
     async def _check(self, node: str) -> None:
         assert self._session is not None
@@ -205,7 +231,11 @@ class Cluster:
                 healthy = response.status == 200
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             self._mark_down(node, exc)
+            self._probed.add(node)
             return
+        self._probed.add(node)
+        if healthy:
+            self._answered.add(node)
         if healthy and node in self._down:
             log.info("peer %s is back: its keys return to it", node)
             self._down.discard(node)

@@ -9,6 +9,7 @@ import json
 import os
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -18,7 +19,7 @@ from typing import Any
 import pytest
 
 from s3cache.hashing import ranked
-from s3cache.sandbox.proxy import S3CacheProcess
+from s3cache.sandbox.proxy import S3CacheProcess, free_port
 from s3cache.sandbox.relay import Relay
 from s3cache.sandbox.seaweed import SeaweedS3
 from tests.cached_proxy import BLOCK, _client
@@ -83,6 +84,20 @@ def wait_until_all_see_each_other(nodes: Nodes, timeout: float = 20.0) -> None:
             raise AssertionError(f"{node.endpoint_url} still sees peers down")
 
 
+def wait_until_all_ready(nodes: Nodes, timeout: float = 30.0) -> None:
+    """Every node's readyz answers 200 (what an orchestrator waits for)."""
+    deadline = time.monotonic() + timeout
+    for node in nodes.nodes:
+        while True:
+            try:
+                with urllib.request.urlopen(f"{node.endpoint_url}/_s3cache/readyz", timeout=5):
+                    break
+            except urllib.error.HTTPError as exc:
+                exc.close()
+            assert time.monotonic() < deadline, f"{node.endpoint_url} not ready in {timeout}s"
+            time.sleep(0.05)
+
+
 def read(client: Any, bucket: str, key: str, **extra: Any) -> bytes:
     data: bytes = client.get_object(Bucket=bucket, Key=key, **extra)["Body"].read()
     return data
@@ -115,6 +130,84 @@ def test_each_object_fetched_once_for_the_whole_cluster(
     assert relay.bytes_sent() == sum(len(b) for b in bodies.values())  # once, cluster-wide
     assert len(gets) == sum(-(-len(b) // BLOCK) for b in bodies.values())
     direct.close()
+
+
+def test_a_cluster_started_together_fetches_each_object_once(
+    tmp_path: Path, upstream: SeaweedS3, bucket: str
+) -> None:
+    """Three nodes started at once, read through as soon as every readyz is 200: a node
+    that served while it still took its peers as down (not yet probed, or probed
+    before they listened) fetched their keys itself, and the dataset crossed the WAN
+    about twice."""
+    direct = upstream.client()
+    bodies = {f"epoch/{i:02d}": os.urandom(BLOCK + 1000 * i) for i in range(12)}
+    for key, body in bodies.items():
+        direct.put_object(Bucket=bucket, Key=key, Body=body)
+    direct.close()
+    with Relay(upstream.endpoint_url) as relay:
+        nodes = Nodes(tmp_path, upstream, relay)
+        try:
+            with ThreadPoolExecutor(3) as pool:
+                list(pool.map(lambda node: node.start(), nodes.nodes))
+            wait_until_all_ready(nodes)
+            jobs = [(client, key) for key in bodies for client in nodes.clients]
+
+            def one(job: tuple[Any, str]) -> bool:
+                client, key = job
+                return read(client, bucket, key) == bodies[key]
+
+            with ThreadPoolExecutor(9) as pool:
+                assert all(pool.map(one, jobs))
+            time.sleep(0.5)  # the relay records an exchange just after relaying it
+            fetched = sum(
+                record.response_body_bytes
+                for record in relay.records()
+                if record.method == "GET" and record.path.startswith(f"/{bucket}/")
+            )
+            assert fetched == sum(len(body) for body in bodies.values())  # once, not ~2x
+        finally:
+            for client in nodes.clients:
+                client.close()
+            for node in nodes.nodes:
+                node.stop()
+
+
+def test_readyz_waits_for_every_peer_then_takes_a_silent_one_as_down(
+    tmp_path: Path, upstream: SeaweedS3
+) -> None:
+    node = S3CacheProcess(tmp_path / "node", upstream)
+    silent = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    node._extra_args = [
+        "--peers",
+        f"{node.endpoint_url},{silent}",
+        "--advertise-url",
+        node.endpoint_url,
+        "--cluster-secret",
+        SECRET,
+        "--peer-timeout",
+        "1s",
+    ]
+    with node:
+        status, body = readyz(node)
+        assert status == 503
+        assert body["problems"] == {"peers": f"waiting for first probe of 1 peer: {silent}"}
+        # A peer that never answers while this node starts is settled as down (its keys
+        # go elsewhere): the node is ready then, bounded by the start-up grace.
+        deadline = time.monotonic() + 30
+        while readyz(node)[0] != 200:
+            assert time.monotonic() < deadline, readyz(node)
+            time.sleep(0.2)
+        with urllib.request.urlopen(f"{node.endpoint_url}/_s3cache/stats") as answer:
+            assert json.load(answer)["cluster"]["down"] == [silent]
+
+
+def readyz(node: S3CacheProcess) -> tuple[int, Any]:
+    try:
+        with urllib.request.urlopen(f"{node.endpoint_url}/_s3cache/readyz", timeout=5) as answer:
+            return answer.status, json.load(answer)
+    except urllib.error.HTTPError as exc:
+        with exc:
+            return exc.code, json.load(exc)
 
 
 def test_a_write_through_any_node_invalidates_at_the_owner(

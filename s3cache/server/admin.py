@@ -177,14 +177,17 @@ async def _submit_manifest(request: web.Request) -> web.StreamResponse:
 
 
 async def readiness_problems(app: web.Application) -> dict[str, str]:
-    """Ready: the upstream answers, every cache dir takes writes, the index is open."""
+    """Ready: the upstream answers, every cache dir takes writes, the index is open,
+    and in a cluster every peer's state is known (until then a peer started with this
+    node may still look down to it, and this node would fetch that peer's keys itself)."""
     problems = await app[STORE].check()
     unreachable = await app[UPSTREAM].probe()
     if unreachable:
         problems["upstream"] = unreachable
     waiting = app[CLUSTER].waiting_for()
     if waiting:
-        problems["peers"] = f"waiting for first probe of {len(waiting)} peers"
+        peers = f"{len(waiting)} peer{'s' if len(waiting) > 1 else ''}"
+        problems["peers"] = f"waiting for first probe of {peers}: {', '.join(waiting)}"
     return problems
 
 
