@@ -17,7 +17,9 @@ from __future__ import annotations
 import http.client
 import os
 import re
+import socket
 import threading
+import time
 import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -282,6 +284,51 @@ def test_a_total_that_changes_between_block_fetches(
     for outcome in outcomes:
         assert outcome in (ABORTED, (200, old), (200, new)), _short(outcome)
     assert right_after_repair(proxy, scripted, "grows", new) == []
+
+
+def logged(proxy: S3CacheProcess, text: str) -> bool:
+    """Whether s3cache logged ``text`` (its log lines are written by a thread: wait
+    for them a little)."""
+    deadline = time.monotonic() + 10
+    while text not in proxy.log_tail(400):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def test_the_uncached_stream_is_checked_too(
+    proxy: S3CacheProcess, scripted: ScriptedUpstream
+) -> None:
+    """A cache full of blocks in use (a hit that a client is slow to take keeps its
+    entry pinned) streams the rest of an object straight from the upstream; an answer
+    for another range than that stream asked is not relayed."""
+    big = os.urandom(12 * 1024 * 1024)  # more than the sockets' buffers can take
+    scripted.put(BUCKET, "pinned", big)
+    client = boto(proxy, scripted)
+    assert client.get_object(Bucket=BUCKET, Key="pinned")["Body"].read() == big
+    client.close()
+    body = os.urandom(8 * 1024 * 1024)  # 12 + 8 MiB > the 16 MiB cache
+    shift = shifted_range(body)
+
+    def uncached_stream_shifted(request: Request, answer: Answer) -> Answer:
+        # Block fetches ask one block; only the uncached stream asks for more.
+        first, _, last = (request.range or "bytes=0-0").removeprefix("bytes=").partition("-")
+        return shift(request, answer) if int(last or 0) - int(first or 0) >= BLOCK else answer
+
+    scripted.put(BUCKET, "object", body, tamper=uncached_stream_shifted)
+    slow = socket.create_connection(("127.0.0.1", proxy.port))
+    slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    try:
+        slow.sendall(f"GET /{BUCKET}/pinned HTTP/1.1\r\nHost: s3cache\r\n\r\n".encode())
+        assert slow.recv(1, socket.MSG_PEEK)  # its answer has begun: the entry is pinned
+        conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=30)
+        got = raw(conn, "GET", "object", None)
+        conn.close()
+    finally:
+        slow.close()
+    assert got in (ABORTED, (200, body)), _short(got)
+    assert logged(proxy, "uncached stream failed")  # the path under test ran
 
 
 # --- item 8: s3cache_coalesced_waiters_total -------------------------------------------
