@@ -232,6 +232,9 @@ CASES = {
     "long-body": lambda body: long_body,
     "unframed-long-body": lambda body: unframed_long_body,
     "unframed-short-body": lambda body: unframed_short_body,
+    "long-body-kept-alive": lambda body: lambda request, answer: replace(
+        long_body(request, answer), close=False
+    ),
     "no-etag-short-body": lambda body: both(no_etag, short_body),
     "no-etag-unframed-long-body": lambda body: both(no_etag, unframed_long_body),
     "unknown-total-unframed-short-body": lambda body: both(unknown_total, unframed_short_body),
