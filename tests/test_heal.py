@@ -18,15 +18,17 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 import urllib.request
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from s3cache.sandbox.seaweed import SeaweedS3
-from tests.cached_proxy import BLOCK, Cached, put, running_cache
+from tests.cached_proxy import BLOCK, Cached, _client, put, running_cache
 
 pytestmark = pytest.mark.faults
 
@@ -261,3 +263,51 @@ def test_verify_cli_reports_damage(tmp_path: Path, upstream: SeaweedS3, bucket: 
         assert any(line.split() == ["missing_files", "1"] for line in lines), result.stdout
         assert any("missing" in line and "obj" in line for line in lines), result.stdout
         read_ok(cached, bucket, "obj", body)
+
+
+def read_many(cached: Cached, upstream: SeaweedS3, bucket: str, key: str, body: bytes) -> None:
+    """Reads on 24 new connections, 8 at a time: the kernel spreads them over the
+    workers (each answered by whichever worker accepted it)."""
+
+    def one(_: int) -> None:
+        client = _client(cached.proxy.endpoint_url, upstream)
+        try:
+            data = client.get_object(Bucket=bucket, Key=key)["Body"].read()
+            assert data == body
+        finally:
+            client.close()
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(one, range(24)))
+
+
+def secondary_reads(cached: Cached) -> int:
+    secondaries = cached.stats()["workers"]["secondaries"]
+    return sum(int(worker["reads_served"]) for worker in secondaries.values())
+
+
+@pytest.mark.parametrize(
+    "damage", ["byte-flipped", "deleted", "truncated-mid-block", "truncated-to-0"]
+)
+def test_damage_while_running_heals_with_workers(
+    tmp_path: Path, upstream: SeaweedS3, bucket: str, damage: str
+) -> None:
+    """Two workers: the secondary serves the object from its own open fd of the file."""
+    with running_cache(tmp_path, upstream, "--workers", "2", "--scrub-rate", "0") as cached:
+        deadline = time.monotonic() + 30
+        while not cached.stats()["workers"]["secondaries"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        body = put(cached, bucket, "obj", SIZE)
+        read_ok(cached, bucket, "obj", body)
+        cached.settle()
+        read_many(cached, upstream, bucket, "obj", body)
+        assert secondary_reads(cached) > 0  # the secondary has the file open
+        DAMAGE[damage](the_file(tmp_path))
+        read_many(cached, upstream, bucket, "obj", body)
+        cached.settle()
+        read_many(cached, upstream, bucket, "obj", body)
+        cached.settle()
+        cached.relay.reset()
+        read_many(cached, upstream, bucket, "obj", body)
+        assert cached.gets() == [], "not a hit after the repair"
+        log_has_no_500(cached)

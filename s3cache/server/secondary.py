@@ -53,6 +53,7 @@ from s3cache.server.workerlink import (
     WorkerSigner,
     unix_path,
 )
+from s3cache.store import files
 from s3cache.upstream import Upstream, UpstreamBroken
 
 log = logging.getLogger(__name__)
@@ -84,11 +85,12 @@ _HOP_BY_HOP = frozenset(
 
 
 class _Replica:
-    __slots__ = ("fd", "gone", "pins", "ready")
+    __slots__ = ("fd", "gone", "pins", "ready", "stamp")
 
     def __init__(self, ready: Ready) -> None:
         self.ready = ready
         self.fd: int | None = None
+        self.stamp: files.Stamp | None = None  # of fd when opened: the file was complete
         self.pins = 0
         self.gone = False
 
@@ -253,6 +255,10 @@ class Secondary:
                 count_read(request, CacheOutcome.HIT)
                 return response
             fd = await self._fd(replica)
+            if files.stamp(fd) != replica.stamp:
+                # Changed since it was opened complete: by someone else (the primary
+                # writes no complete file). The primary checks it again and heals it.
+                raise _Stale()
             await response.prepare(request)
             try:
                 await send_file_range(request, response, fd, span.start, span.length)
@@ -272,10 +278,11 @@ class Secondary:
         if replica.fd is None:
             try:
                 fd = await asyncio.to_thread(os.open, replica.ready.path, os.O_RDONLY)
-            except FileNotFoundError as exc:
+            except OSError as exc:  # deleted, or not a file any more
                 raise _Stale() from exc
             if replica.fd is None and not replica.gone:
                 replica.fd = fd
+                replica.stamp = files.stamp(fd)
             else:
                 os.close(fd)  # another request opened it meanwhile, or it went
                 if replica.fd is None:
