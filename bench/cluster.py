@@ -2,10 +2,11 @@
 aggregate warm throughput with 1, 2 and 3 nodes on this machine.
 
 Method: SeaweedFS upstream behind a counting relay; N s3cache nodes on loopback forming
-one cache (--peers, --cluster-secret); a dataset of OBJECTS objects of SIZE; a cold
-epoch where READERS threads read every object through the nodes round-robin (each
-object from every node once, so 3 reads per object for 3 nodes); then warm epochs with
-READERS threads spread over the nodes. The nodes, the clients and the upstream share
+one cache (--peers, --cluster-secret), started together and read once every node's
+readyz is 200; a dataset of OBJECTS objects of SIZE; a cold epoch where READERS
+threads read every object through the nodes round-robin (each object from every node
+once, so 3 reads per object for 3 nodes); then warm epochs with READERS threads spread
+over the nodes. The nodes, the clients and the upstream share
 the machine's cores: report as measured. Never asserts.
 
     .venv/bin/python bench/cluster.py [--objects 64] [--size 4MiB] [--runs 3]
@@ -19,6 +20,8 @@ import os
 import statistics
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -39,6 +42,8 @@ def client(endpoint: str, upstream: SeaweedS3) -> Any:
 def start_nodes(
     count: int, workdir: Path, upstream: SeaweedS3, relay: Relay
 ) -> list[S3CacheProcess]:
+    """The nodes, started together, once every one's readyz is 200 (as an orchestrator
+    would send them traffic)."""
     nodes = [
         S3CacheProcess(workdir / f"n{count}-{i}", upstream, upstream_endpoint=relay.endpoint_url)
         for i in range(count)
@@ -59,8 +64,24 @@ def start_nodes(
             "--cache-size",
             "8GiB",
         ]
-        node.start()
+    with ThreadPoolExecutor(count) as pool:
+        list(pool.map(lambda node: node.start(), nodes))
+    for node in nodes:
+        wait_ready(node)
     return nodes
+
+
+def wait_ready(node: S3CacheProcess, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(f"{node.endpoint_url}/_s3cache/readyz", timeout=5):
+                return
+        except urllib.error.HTTPError as exc:
+            exc.close()
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{node.endpoint_url} not ready within {timeout}s")
+        time.sleep(0.05)
 
 
 def read_all(clients: list[Any], keys: list[str], rounds: int = 1) -> tuple[int, float]:
