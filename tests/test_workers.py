@@ -210,6 +210,28 @@ def test_a_killed_supervisor_takes_its_workers_and_a_restart_serves_at_once(
         assert not old_run_dir.exists()
 
 
+def test_only_run_directories_nobody_holds_are_removed(tmp_path: Path) -> None:
+    import fcntl
+
+    from s3cache.supervisor import LOCK_NAME, RUN_PREFIX, remove_dead_run_dirs
+
+    held, dead, unknown = (tmp_path / f"{RUN_PREFIX}{name}" for name in ("a", "b", "c"))
+    for run_dir in (held, dead, unknown):
+        run_dir.mkdir()
+        (run_dir / "primary.sock").write_bytes(b"")
+    for run_dir in (held, dead):
+        (run_dir / LOCK_NAME).write_bytes(b"")
+    lock = os.open(held / LOCK_NAME, os.O_RDONLY)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # as a live supervisor (or worker) holds it
+        remove_dead_run_dirs(tmp_path)
+        assert held.exists() and not dead.exists() and unknown.exists()
+    finally:
+        os.close(lock)
+    remove_dead_run_dirs(tmp_path)  # its last holder is gone
+    assert not held.exists() and unknown.exists()
+
+
 def _client_without_retries(cached: Cached, upstream: SeaweedS3) -> Any:
     return client_of(cached.proxy.endpoint_url, upstream, retries={"total_max_attempts": 1})
 
