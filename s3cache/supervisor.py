@@ -50,11 +50,13 @@ RUN_PREFIX = "s3cache-run-"
 LOCK_NAME = "supervisor.lock"
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 # What a worker gets when its supervisor dies. SIGKILL, not SIGTERM: a SIGTERMed worker
-# drains for up to 30 s, and meanwhile a supervisor started again at once would run a
-# second primary on the same index and cache files, and share the port with an orphan
-# that no longer answers to anyone. The cache is crash-safe (data on disk before the
-# index row, a start-up check for orphans), and a killed supervisor was no graceful
-# stop anyway: SIGTERM to the supervisor is, and drains every worker.
+# stops listening at once but drains its in-flight requests for up to 30 s, fills and
+# index writes included, so a supervisor started again at once would have its new
+# primary open the index and cache files beside an old one still writing them (and
+# keep-alive clients of the orphans would be served by a process nobody supervises).
+# The cache is crash-safe (data on disk before the index row, a start-up check for
+# orphans), and a killed supervisor was no graceful stop anyway: SIGTERM to the
+# supervisor is, and drains every worker.
 WORKER_DEATH_SIGNAL = signal.SIGKILL
 
 
