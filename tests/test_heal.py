@@ -16,9 +16,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -310,4 +312,49 @@ def test_damage_while_running_heals_with_workers(
         cached.relay.reset()
         read_many(cached, upstream, bucket, "obj", body)
         assert cached.gets() == [], "not a hit after the repair"
+        log_has_no_500(cached)
+
+
+def test_file_cut_short_mid_response_aborts_it_and_heals(
+    tmp_path: Path, upstream: SeaweedS3, bucket: str
+) -> None:
+    """A hit whose file is truncated while its body is going out (after its blocks were
+    checked): the client sees the connection close before Content-Length bytes, never
+    a complete short body; the next read is right."""
+    size = 96 * BLOCK  # 24 MiB: more than the socket buffers hold
+    with running_cache(tmp_path, upstream, "--scrub-rate", "0") as cached:
+        body = put(cached, bucket, "big", size)
+        read_ok(cached, bucket, "big", body)
+        cached.settle()
+        read_ok(cached, bucket, "big", body)  # a hit: checked, file open
+        v4 = _client(cached.proxy.endpoint_url, upstream, signature_version="s3v4")
+        url = urllib.parse.urlsplit(
+            v4.generate_presigned_url(
+                "get_object", Params={"Bucket": bucket, "Key": "big"}, ExpiresIn=300
+            )
+        )
+        v4.close()
+        with socket.socket() as sock:
+            # A small receive buffer (no autotuning): most of the body is still in the
+            # file, not in socket buffers, when the file is cut.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+            sock.settimeout(60)
+            sock.connect((url.hostname, url.port))
+            sock.sendall(
+                f"GET {url.path}?{url.query} HTTP/1.1\r\nHost: {url.netloc}\r\n\r\n".encode()
+            )
+            received = b""
+            while b"\r\n\r\n" not in received or len(received) < 1024 * 1024:
+                received += sock.recv(65536)
+            head, _, first = received.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200"), head
+            assert f"content-length: {size}".encode() in head.lower()
+            truncate_to_zero(the_file(tmp_path))
+            rest = b""
+            while piece := sock.recv(1 << 20):
+                rest += piece
+        got = first + rest
+        assert len(got) < size  # the connection closed short: never a whole short body
+        assert got == body[: len(got)]
+        assert_heals(cached, bucket, "big", body)
         log_has_no_500(cached)
