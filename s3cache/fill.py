@@ -335,7 +335,7 @@ class Filler:
         demand: Demand | None = None,
     ) -> BlockFetch:
         fetch = BlockFetch(entry, first, last, prefetch=prefetch, demand=demand)
-        if not self._store.reserve(fetch.end - fetch.start):
+        if not self._store.reserve(fetch.end - fetch.start, entry.dir):
             if response is not None:
                 response.release()
             raise CacheFull()

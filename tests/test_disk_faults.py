@@ -176,6 +176,12 @@ def test_full_disk_reads_pass_through_then_caching_resumes(
         stats = cached.stats()
         assert stats["degraded"] is True
         assert stats["degraded_dirs"] == {"cache_dir_0": "no_space"}
+        # Degraded, a read of an object cached before costs one upstream GET: no block
+        # fetch is tried only to fail on the write.
+        cached.relay.reset()
+        assert get(cached.client, bucket, "obj-0") == bodies["obj-0"]
+        cached.settle()
+        assert len(cached.gets()) == 1
         filler.unlink()  # space returns
         assert wait_for(lambda: readyz(cached.proxy.endpoint_url)[0] == 200)
         assert metric(cached.metrics(), "s3cache_cache_degraded") == 0.0

@@ -428,9 +428,12 @@ class CacheStore:
 
     # --- filling -----------------------------------------------------------------
 
-    def reserve(self, nbytes: int) -> bool:
-        """Claim room for a block about to be fetched; False if the cache is full of
-        pinned data and cannot take it."""
+    def reserve(self, nbytes: int, directory: int | None = None) -> bool:
+        """Claim room for a block about to be fetched (into cache dir ``directory``);
+        False if the cache is full of pinned data and cannot take it, or that dir is
+        degraded (the block would only fail to be written: serve it uncached)."""
+        if directory in self.faults:
+            return False
         if self.used + self.reserved + nbytes > self._capacity:
             self._evict_needed.set()
             return False
@@ -779,7 +782,7 @@ class CacheStore:
         damage; an entry that cannot be checked is counted in ``errors``."""
         report = VerifyReport()
         cursor = 0
-        while rows := await self._in_index_thread(self.index.entries_after, cursor, 64):
+        while rows := await self._verify_batch(cursor, report):
             for row in rows:
                 cursor = row.id
                 report.entries += 1
@@ -793,6 +796,15 @@ class CacheStore:
                 report.add(row, found)
         report.orphan_files = await self._remove_orphans(before=None)
         return report.as_dict()
+
+    async def _verify_batch(self, cursor: int, report: VerifyReport) -> list[EntryRow]:
+        """The next entries to verify; none (the pass ends) if the index cannot say."""
+        try:
+            return await self._in_index_thread(self.index.entries_after, cursor, 64)
+        except sqlite3.Error as exc:
+            log.error("verify: cannot read the index: %s", exc)
+            report.errors += 1
+            return []
 
     async def scrub(self, row: EntryRow) -> int:
         """Check an entry's file and every present block; repair what is damaged.
