@@ -54,7 +54,14 @@ def main(argv: list[str] | None = None) -> int:
         "anything was)",
     )
     verify_parser.add_argument("--endpoint", default="http://127.0.0.1:8080", help="its URL")
+    flush_parser = commands.add_parser(
+        "flush", help="return once every write-back object (under s3://BUCKET/PREFIX) is upstream"
+    )
+    flush_parser.add_argument("target", nargs="?", help="s3://BUCKET[/PREFIX]; none: everything")
+    flush_parser.add_argument("--endpoint", default="http://127.0.0.1:8080", help="its URL")
     args = parser.parse_args(argv)
+    if args.command == "flush":
+        return flush(args.endpoint, args.target)
     if args.command == "warm":
         return warm(args)
     if args.command == "jobs":
@@ -211,6 +218,23 @@ def verify(endpoint: str) -> int:
         print(f"{item['problem']:<9}  {where}  blocks {blocks or '-'}{detail}")
     found = sum(report.get(name, 0) for name in DAMAGE_COUNTS)
     return 3 if found else 0
+
+
+def flush(endpoint: str, target: str | None) -> int:
+    """Wait until nothing written back under ``target`` is pending; 0 once so, 1 if the
+    running s3cache could not be asked, 2 for a target that is not s3://BUCKET[/PREFIX]."""
+    body = None
+    if target is not None:
+        if not target.startswith("s3://") or not target.removeprefix("s3://").strip("/"):
+            print(f"s3cache: flush: not s3://BUCKET[/PREFIX]: {target}", file=sys.stderr)
+            return 2
+        bucket, _, prefix = target.removeprefix("s3://").partition("/")
+        body = {"bucket": bucket, "prefix": prefix}
+    answer = _admin(endpoint, "flush", method="POST", body=body)
+    if not isinstance(answer, dict):
+        return 1
+    print(f"flushed: {answer['flushed']} write-back objects were pending, now upstream")
+    return 0
 
 
 # Counts of a verify report that mean damage was found (and repaired).

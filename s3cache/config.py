@@ -176,6 +176,34 @@ def _ttl_rules(text: str | Sequence[str] | Sequence[Mapping[str, str]]) -> tuple
     return tuple(rules)
 
 
+WRITE_MODES = ("around", "through", "back")
+
+
+@dataclass(frozen=True, slots=True)
+class WriteRule:
+    prefix: str  # "bucket/" or "bucket/some/prefix"
+    mode: str  # one of WRITE_MODES
+
+
+def _write_rules(
+    text: str | Sequence[str] | Sequence[Mapping[str, str]],
+) -> tuple[WriteRule, ...]:
+    items = text.split(",") if isinstance(text, str) else list(text)
+    rules = []
+    for item in items:
+        if isinstance(item, Mapping):  # TOML: {prefix = "bucket/p", mode = "back"}
+            prefix, mode = str(item["prefix"]), str(item["mode"])
+        else:
+            prefix, sep, mode = str(item).partition("=")
+            if not sep:
+                raise ValueError(f"not BUCKET[/PREFIX]=MODE: {item!r}")
+        prefix = prefix.strip().removeprefix("s3://")
+        if "/" not in prefix:
+            prefix += "/"
+        rules.append(WriteRule(prefix=prefix, mode=parse_choice(*WRITE_MODES)(mode.strip())))
+    return tuple(rules)
+
+
 @dataclass(frozen=True, slots=True)
 class ClientKey:
     """A key clients sign with, and what it may reach. ``repr`` hides the secret."""
@@ -315,6 +343,25 @@ class Settings:
         "the longest matching prefix wins",
         repeat=True,
     )
+    write_rules: tuple[WriteRule, ...] = _setting(
+        (),
+        _write_rules,
+        "per bucket/prefix write policy, BUCKET[/PREFIX]=around|through|back (repeatable); "
+        "the longest matching prefix wins; elsewhere: around",
+        repeat=True,
+    )
+    writeback_max: int = _setting(
+        4 * 1024**3,
+        parse_size,
+        "bytes of write-back objects not yet uploaded, at most (part of cache_size); past "
+        "it, writes fall back to write-through",
+    )
+    writeback_concurrency: int = _setting(
+        4, _positive_int, "write-back uploads to the upstream at once"
+    )
+    writeback_retry_max: float = _setting(
+        30.0, parse_duration, "longest wait between two attempts of a failing write-back upload"
+    )
     list_cache_ttl: float = _setting(
         10.0,
         parse_duration,
@@ -449,6 +496,17 @@ class Settings:
                 best = rule
         return best.ttl if best is not None else self.cache_ttl
 
+    def write_mode_for(self, bucket: str, key: str) -> str:
+        """How a write of bucket/key is handled: around, through or back."""
+        path = f"{bucket}/{key}"
+        best: WriteRule | None = None
+        for rule in self.write_rules:
+            if path.startswith(rule.prefix) and (
+                best is None or len(rule.prefix) > len(best.prefix)
+            ):
+                best = rule
+        return best.mode if best is not None else "around"
+
 
 # Settings that SIGHUP reloads in a running process; the others need a restart.
 RELOADABLE = (
@@ -492,6 +550,7 @@ _FLAG_NAMES = {
     "cache_dirs": "--cache-dir",
     "virtual_host_domains": "--virtual-host-domain",
     "ttl_rules": "--ttl-rule",
+    "write_rules": "--write-rule",
 }
 
 

@@ -9,6 +9,7 @@
     ├── RequestTimeout           400  the body stalled past body_timeout
     ├── MalformedXML             400  a request body's XML does not parse or validate
     ├── XAmzContentSHA256Mismatch 400 the body does not hash to the signed payload hash
+    ├── BadDigest                400  the body does not match its Content-MD5 or checksum
     ├── AuthorizationHeaderMalformed       400  the SigV4 Authorization header cannot be used
     ├── AuthorizationQueryParametersError  400  the SigV4 presigned-URL parameters cannot be used
     ├── AccessDenied             403
@@ -84,6 +85,11 @@ class MalformedXML(S3Error):
 
 class XAmzContentSHA256Mismatch(S3Error):
     code = "XAmzContentSHA256Mismatch"
+    status = 400
+
+
+class BadDigest(S3Error):
+    code = "BadDigest"
     status = 400
 
 

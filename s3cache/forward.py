@@ -98,7 +98,7 @@ async def send_upstream(
 ) -> aiohttp.ClientResponse:
     """Send ``request`` to the upstream, re-signed; the caller relays the answer.
     ``body``: the request body, if the caller has already read it (as it came)."""
-    headers, streamed = _upstream_request(request)
+    headers, streamed = upstream_request(request)
     if body is not None:
         headers["Content-Length"] = str(len(body))
     url = upstream.url(address.bucket, address.key, address.query)
@@ -172,9 +172,11 @@ def is_signed_streaming(request: web.Request) -> bool:
     return request.headers.get("x-amz-content-sha256", "") in _SIGNED_STREAMING
 
 
-def _upstream_request(
+def upstream_request(
     request: web.Request,
 ) -> tuple[CIMultiDict[str], AsyncIterator[bytes] | None]:
+    """The headers and body stream of ``request`` as they go to the upstream (decoded
+    and checked as the module docstring says); the body is None if there is none."""
     headers: CIMultiDict[str] = CIMultiDict(
         (name, value)
         for name, value in request.headers.items()

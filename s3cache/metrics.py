@@ -56,6 +56,7 @@ class UpstreamKind(enum.Enum):
     REVALIDATE = "revalidate"  # a conditional HEAD of a stale entry
     FORWARD = "forward"  # a client's request passed through
     PROBE = "probe"  # readiness check
+    WRITEBACK = "writeback"  # a write-back upload, or the HEAD after a cached upload
 
 
 class DegradedReason(enum.Enum):
@@ -185,6 +186,35 @@ COALESCED_WAITERS = Counter(
 )
 REVALIDATIONS = Counter(
     "s3cache_revalidations_total", "Revalidations of stale entries by result", ["result"]
+)
+
+
+WRITES = Counter(
+    "s3cache_writes_total",
+    "PutObject requests cached on the way to the upstream, by mode (through, back)",
+    ["mode"],
+)
+WRITEBACK_PENDING_OBJECTS = Gauge(
+    "s3cache_writeback_pending_objects",
+    "Write-back objects acknowledged to their clients and not yet upstream",
+    multiprocess_mode=_LIVE_SUM,
+)
+WRITEBACK_PENDING_BYTES = Gauge(
+    "s3cache_writeback_pending_bytes",
+    "Bytes of write-back objects not yet upstream",
+    multiprocess_mode=_LIVE_SUM,
+)
+WRITEBACK_OLDEST = Gauge(
+    "s3cache_writeback_oldest_pending_seconds",
+    "Age of the oldest write-back object not yet upstream (0: none pending)",
+    multiprocess_mode="livemax",
+)
+WRITEBACK_UPLOADS = Counter(
+    "s3cache_writeback_uploads_total", "Write-back objects uploaded to the upstream"
+)
+WRITEBACK_FAILURES = Counter(
+    "s3cache_writeback_upload_failures_total",
+    "Failed write-back upload attempts (each is retried with backoff)",
 )
 
 

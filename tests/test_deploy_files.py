@@ -368,6 +368,12 @@ METRIC_LABELS: dict[str, frozenset[str]] = {
     "s3cache_prefetched_bytes_total": frozenset(),
     "s3cache_prefetch_useful_bytes_total": frozenset(),
     "s3cache_prefetch_wasted_bytes_total": frozenset(),
+    "s3cache_writes_total": frozenset({"mode"}),
+    "s3cache_writeback_pending_objects": frozenset(),
+    "s3cache_writeback_pending_bytes": frozenset(),
+    "s3cache_writeback_oldest_pending_seconds": frozenset(),
+    "s3cache_writeback_uploads_total": frozenset(),
+    "s3cache_writeback_upload_failures_total": frozenset(),
     "up": frozenset(),  # Prometheus' own, per target
 }
 HISTOGRAMS = frozenset(
@@ -380,7 +386,7 @@ HISTOGRAMS = frozenset(
 LABEL_VALUES: dict[str, frozenset[str]] = {
     "outcome": frozenset({"hit", "miss", "partial", "bypass", "not_modified", "forward", "peer"}),
     "source": frozenset({"cache", "upstream", "peer"}),
-    "kind": frozenset({"block", "revalidate", "forward", "probe"}),
+    "kind": frozenset({"block", "revalidate", "forward", "probe", "writeback"}),
     "status_class": frozenset({"2xx", "3xx", "4xx", "5xx", "error"}),
     "result": frozenset({"unchanged", "changed", "gone", "error"}),
     "operation": frozenset(
@@ -572,6 +578,7 @@ def test_prometheus_alerts_have_severity_summary_description_and_for() -> None:
         "S3cacheCacheTurnover",
         "S3cacheTargetDown",
         "S3cacheTargetsMissing",
+        "S3cacheWriteBackLagging",
     }
     assert set(alerts) == expected
     for name, rule in alerts.items():
@@ -601,7 +608,7 @@ def test_prometheus_rules_use_only_known_metrics_and_labels() -> None:
 
 # --- Grafana dashboard ---------------------------------------------------------------
 
-ROWS = ["Overview", "Latency", "Upstream", "Cache", "Prefetch", "Requests"]
+ROWS = ["Overview", "Latency", "Upstream", "Cache", "Prefetch", "Requests", "Write-back"]
 # What Grafana puts in for its built-in variables, for checking the queries.
 GRAFANA_BUILTINS = {"__rate_interval": "5m", "__interval": "1m", "__range": "1h"}
 

@@ -10,6 +10,7 @@ GET  jobs               warm jobs and their progress
 GET  jobs/ID            one job
 DELETE jobs/ID          cancel it
 POST manifest           an epoch's read order: {"bucket", "keys": [key | [key, start, end]]}
+POST flush              wait until every write-back object (under {"bucket", "prefix"}) is upstream
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from s3cache.server.keys import (
     PREFETCHER,
     STORE,
     UPSTREAM,
+    WRITER,
 )
 from s3cache.server.workerlink import VIA_WORKER
 
@@ -94,6 +96,8 @@ async def handle_admin(request: web.Request, name: str) -> web.StreamResponse:
         return web.json_response([job.as_dict() for job in app[PREFETCHER].jobs.values()])
     if route == ("POST", "manifest"):
         return await _submit_manifest(request)
+    if route == ("POST", "flush"):
+        return await _flush(request)
     raise NoSuchKey("No such s3cache admin endpoint.", resource=request.path)
 
 
@@ -148,6 +152,19 @@ def _job(request: web.Request, job_id: str) -> web.StreamResponse:
     if job is None:
         raise NoSuchKey("No such job.", resource=request.path)
     return web.json_response(job.as_dict())
+
+
+async def _flush(request: web.Request) -> web.StreamResponse:
+    """Answer once every write-back object under the bucket/prefix (or everywhere, with
+    no body) is upstream: the barrier a training script calls before it exits."""
+    bucket, prefix = None, ""
+    if request.can_read_body:
+        body = await _json_body(request)
+        bucket, prefix = body["bucket"], body.get("prefix", "")
+        if not isinstance(prefix, str):
+            raise InvalidArgument('"prefix" must be a string')
+    flushed = await request.app[WRITER].flush(bucket, prefix)
+    return web.json_response({"flushed": flushed, "writeback": request.app[WRITER].stats()})
 
 
 async def _submit_manifest(request: web.Request) -> web.StreamResponse:
@@ -215,6 +232,7 @@ def stats(app: web.Application, values: Snapshot) -> dict[str, object]:
         "evictions": sample(CACHE_EVICTIONS),
         "evicted_bytes": sample(CACHE_EVICTED_BYTES),
         "cluster": app[CLUSTER].state(),
+        "writeback": app[WRITER].stats(),
         "workers": {
             "count": app[LIVE_SETTINGS].current.workers,
             "secondaries": hub.state() if (hub := app.get(HUB)) is not None else {},

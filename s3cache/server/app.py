@@ -31,12 +31,14 @@ from s3cache.server.keys import (
     ROLE,
     STORE,
     UPSTREAM,
+    WRITER,
 )
 from s3cache.server.middleware import observe, on_response_prepare
 from s3cache.server.secondary import handle_secondary, secondary_components
 from s3cache.server.workerlink import WorkerSigner, unix_path
 from s3cache.store.cache import CacheStore
 from s3cache.upstream import Upstream
+from s3cache.writes import Writer
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +89,8 @@ async def _components(app: web.Application) -> AsyncIterator[None]:
     await cluster.start()
     app[CLUSTER] = cluster
     app[READER] = Reader(live, store, filler, upstream, prefetcher)
+    writer = app[WRITER] = Writer(settings, store, upstream, filler)
+    await writer.start()
     role = app.get(ROLE)
     if role is not None:
         hub = app[HUB] = WorkerHub(WorkerSigner(role.secret), store, prefetcher)
@@ -95,6 +99,7 @@ async def _components(app: web.Application) -> AsyncIterator[None]:
         yield
     finally:
         await cluster.close()
+        await writer.close()
         await prefetcher.close()
         await filler.close()
         await store.close()

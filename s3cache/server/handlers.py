@@ -27,8 +27,10 @@ from s3cache.server.keys import (
     LIVE_SETTINGS,
     READER,
     UPSTREAM,
+    WRITER,
 )
 from s3cache.server.middleware import BUCKET, KEY_ID, OPERATION
+from s3cache.writes import AROUND
 
 # A DeleteObjects answer lists at most 1,000 keys: a few hundred KiB at the very most.
 PEER_KEY_ID = "peer"
@@ -93,8 +95,23 @@ async def forward_write(
     ``delete_body``: a DeleteObjects body already read."""
     app = request.app
     assert address.bucket is not None
+    bucket = address.bucket
+    writer = app[WRITER]
+    if request[OPERATION] is Operation.PUT_OBJECT and address.key is not None:
+        mode = writer.mode(bucket, address.key)
+        if mode != AROUND:
+            key = address.key
+
+            async def changed() -> None:
+                app[LISTINGS].invalidate(bucket)
+                await _invalidate(app, bucket, [key])
+
+            return await writer.put(request, address, mode, changed)
     # A quiet DeleteObjects answer names no key: take them from the request too.
     requested = deleted_keys(delete_body) if delete_body is not None else []
+    # Any other write of a key with a write-back pending goes upstream after it.
+    for key in [address.key] if address.key is not None else requested:
+        await writer.settle(bucket, key)
     response = await send_upstream(request, address, app[UPSTREAM], body=delete_body)
     async with response:
         if response.status >= 300:

@@ -14,6 +14,7 @@ from s3cache.server.auth import Authenticator
 from s3cache.server.hub import WorkerHub
 from s3cache.store.cache import CacheStore
 from s3cache.upstream import Upstream
+from s3cache.writes import Writer
 
 LIVE_SETTINGS = web.AppKey("live_settings", LiveSettings)
 UPSTREAM = web.AppKey("upstream", Upstream)
@@ -24,6 +25,7 @@ READER = web.AppKey("reader", Reader)
 LISTINGS = web.AppKey("listings", ListingCache)
 AUTH = web.AppKey("auth", Authenticator)
 CLUSTER = web.AppKey("cluster", Cluster)
+WRITER = web.AppKey("writer", Writer)
 # With several workers: this worker's role; on the primary, its side of the channel.
 ROLE = web.AppKey("role", WorkerRole)
 HUB = web.AppKey("hub", WorkerHub)

@@ -29,6 +29,7 @@ import asyncio
 import contextlib
 import errno
 import logging
+import math
 import os
 import secrets
 import sqlite3
@@ -37,6 +38,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 from s3cache.config import Settings
@@ -57,7 +59,7 @@ from s3cache.metrics import (
 )
 from s3cache.store import files
 from s3cache.store.entry import Entry, ObjectMeta
-from s3cache.store.index import EntryRow, Index
+from s3cache.store.index import EntryRow, Index, PendingRow
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +155,10 @@ class CacheStore:
         # Called with an entry's id when it can no longer be served whole: dropped,
         # evicted, or a block found damaged (the worker hub tells the secondaries).
         self.on_gone: list[Callable[[int], None]] = []
+        # Entries of write-back objects not yet upstream: never evicted (``writes``).
+        self.keep: set[int] = set()
+        self.keep_keys: dict[tuple[str, str], int] = {}
+        self.pending_at_open: list[PendingRow] = []  # the journal as found at start-up
 
     # --- lifecycle ---------------------------------------------------------------
 
@@ -161,6 +167,9 @@ class CacheStore:
             for directory in self._dirs:
                 (directory / files.DATA_DIR).mkdir(parents=True, exist_ok=True)
             index = Index(self._dirs[0] / INDEX_FILE)
+            self.pending_at_open = index.pending()
+            self.keep = {row.entry_id for row in self.pending_at_open}
+            self.keep_keys = {(row.bucket, row.key): row.entry_id for row in self.pending_at_open}
             return index, index.used_bytes(), index.entry_count()
 
         self._index, self.used, self.entries = await self._in_index_thread(open_index)
@@ -245,7 +254,11 @@ class CacheStore:
         return entry
 
     async def create(self, bucket: str, key: str, meta: ObjectMeta) -> Entry:
-        """A new entry for an object version, replacing any entry of the key."""
+        """A new entry for an object version, replacing any entry of the key (not one
+        of a write-back object not yet upstream: a fill that raced with its write must
+        not replace it; CacheWriteError)."""
+        if (bucket, key) in self.keep_keys:
+            raise CacheWriteError("a newer write of the object is not upstream yet")
         old = self._view.get((bucket, key))
         if old is not None:
             await self.drop(old)
@@ -283,11 +296,93 @@ class CacheStore:
         self._remember(entry)
         return entry
 
+    def new_file(self, bucket: str, key: str) -> tuple[int, str, Path]:
+        """Where a new entry's file goes (dir number, name, path): a spooled upload is
+        written there before its entry exists (``adopt``). Raises CacheWriteError if
+        that dir takes no writes now."""
+        directory = files.choose_dir(bucket, key, len(self._dirs))
+        fault = self.faults.get(directory)
+        if fault is not None:
+            raise CacheWriteError(fault.message)
+        name = files.file_name(bucket, key, "", secrets.token_hex(8))
+        return directory, name, files.file_path(self._dirs[directory], name)
+
+    async def adopt(
+        self,
+        bucket: str,
+        key: str,
+        meta: ObjectMeta,
+        place: tuple[int, str],
+        blocks: dict[int, int],
+        upload_headers: tuple[tuple[str, str], ...] | None = None,
+    ) -> tuple[Entry, int | None]:
+        """Make a complete file already written (and, for write-back, fsync'd) at
+        ``place`` (from ``new_file``) the entry of bucket/key, replacing any entry of the
+        key: data first, then its rows. With ``upload_headers`` it is a write-back
+        object: its journal row is committed with the entry, the entry is kept from
+        eviction and never revalidated until it is upstream (``uploaded``). Returns the
+        entry and the journal seq."""
+        old = await self.lookup(bucket, key)
+        if old is not None:
+            await self.drop(old)
+        now = time.time()
+        row = EntryRow(
+            id=0,
+            bucket=bucket,
+            key=key,
+            etag=meta.etag,
+            size=meta.size,
+            last_modified=meta.last_modified,
+            headers=meta.headers,
+            dir=place[0],
+            file=place[1],
+            block_size=self.block_size,
+            present_bytes=meta.size,
+            validated_at=now if upload_headers is None else math.inf,
+            accessed_at=now,
+            blocks=blocks,
+        )
+        entry_id, seq = await self._index_write(self.index.insert_whole, row, upload_headers)
+        self.entries += 1
+        self.used += meta.size
+        if seq is not None:
+            self.keep.add(entry_id)
+            self.keep_keys[(bucket, key)] = entry_id
+        entry = self._entry_from_row(row, entry_id=entry_id)
+        entry.verified.update(blocks)
+        self._remember(entry)
+        self._evict_needed.set()
+        return entry, seq
+
+    async def uploaded(self, seq: int, entry_id: int, meta: ObjectMeta | None) -> None:
+        """A write-back object is upstream (``meta``: as the upstream describes it now;
+        None: it does not match what was promised, drop the entry)."""
+        now = time.time()
+        values = None if meta is None else (meta.etag, meta.last_modified, meta.headers)
+        current = await self._in_index_thread(self.index.uploaded, seq, entry_id, values, now)
+        self._unkeep(entry_id)
+        entry = next((e for e in self._view.values() if e.id == entry_id), None)
+        if entry is None or not current:
+            return
+        if meta is None:
+            await self.drop(entry)
+            return
+        entry.meta = meta
+        entry.validated_at = now
+
+    def _unkeep(self, entry_id: int) -> None:
+        self.keep.discard(entry_id)
+        for where, kept in list(self.keep_keys.items()):
+            if kept == entry_id:
+                del self.keep_keys[where]
+
     async def drop(self, entry: Entry) -> None:
         """Forget an entry: rows first, then the file."""
         if entry.dropped:
             return
         entry.dropped = True
+        if entry.id in self.keep:
+            self._unkeep(entry.id)  # its journal row goes with it (superseded, or lost)
         self._gone(entry.id)
         unread = sum(entry.block_length(block) for block in entry.prefetched)
         if unread:
@@ -731,7 +826,9 @@ class CacheStore:
                 if self.used + self.reserved <= target:
                     return
                 entry = self._view.get((bucket, key))
-                if entry is not None and (entry.pins or entry.id != entry_id):
+                if entry_id in self.keep or (
+                    entry is not None and (entry.pins or entry.id != entry_id)
+                ):
                     skipped.add(entry_id)
                     continue
                 await self._evict_row(entry, entry_id, _dir, _file, present)

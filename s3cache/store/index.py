@@ -6,6 +6,10 @@ here is blocking and is never called on the event loop.
     entries  one row per cached object version: identity, S3 metadata, where its file
              is, how many bytes of it are present, when it was last validated and read
     blocks   one row per present block, with the xxh3-64 of its bytes
+    writeback  one row per write-back object acknowledged to its client and not yet
+             confirmed by the upstream: the journal (``writes``). Committed with its
+             entry and blocks after the file's bytes are fsync'd; deleted with the
+             entry (a newer write of the key supersedes it) or once uploaded
 
 A block row is inserted only after the block's bytes are in the file; an entry's rows
 are deleted (and committed) before its file is unlinked (``store.cache``).
@@ -47,6 +51,13 @@ CREATE TABLE IF NOT EXISTS blocks (
     xxh3 INTEGER NOT NULL,
     PRIMARY KEY (entry_id, block)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS writeback (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,  -- upload order
+    entry_id INTEGER NOT NULL REFERENCES entries (id) ON DELETE CASCADE,
+    headers TEXT NOT NULL,  -- the upload's request headers
+    acknowledged_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS writeback_by_entry ON writeback (entry_id);
 """
 
 
@@ -66,6 +77,20 @@ class EntryRow:
     validated_at: float
     accessed_at: float
     blocks: dict[int, int]  # block number -> xxh3-64
+
+
+@dataclass(frozen=True, slots=True)
+class PendingRow:
+    """A journal row: an acknowledged write-back object, with its entry's identity."""
+
+    seq: int
+    entry_id: int
+    bucket: str
+    key: str
+    size: int
+    etag: str
+    headers: tuple[tuple[str, str], ...]  # the upload's request headers
+    acknowledged_at: float
 
 
 _ENTRY_COLUMNS = (
@@ -178,6 +203,96 @@ class Index:
             )
         assert cursor.lastrowid is not None
         return cursor.lastrowid
+
+    def insert_whole(
+        self, row: EntryRow, upload_headers: tuple[tuple[str, str], ...] | None = None
+    ) -> tuple[int, int | None]:
+        """Insert an entry with all its blocks (``row.blocks``: its file is complete and
+        written), replacing any entry of the key, in one commit; with
+        ``upload_headers``, its write-back journal row too, committed with
+        ``synchronous=FULL`` (durable against an OS crash, not only a process crash).
+        Returns the entry id and the journal seq (None without one)."""
+        if upload_headers is not None:
+            self._db.execute("PRAGMA synchronous=FULL")
+        try:
+            with self._transaction():
+                entry_id = self._insert(row, row.present_bytes)
+                self._db.executemany(
+                    "INSERT INTO blocks (entry_id, block, xxh3) VALUES (?, ?, ?)",
+                    [(entry_id, block, _signed64(xxh3)) for block, xxh3 in row.blocks.items()],
+                )
+                seq = None
+                if upload_headers is not None:
+                    cursor = self._db.execute(
+                        "INSERT INTO writeback (entry_id, headers, acknowledged_at)"
+                        " VALUES (?, ?, ?)",
+                        (entry_id, json.dumps(upload_headers), row.accessed_at),
+                    )
+                    seq = cursor.lastrowid
+        finally:
+            if upload_headers is not None:
+                self._db.execute("PRAGMA synchronous=NORMAL")
+        return entry_id, seq
+
+    def _insert(self, row: EntryRow, present: int) -> int:
+        self._db.execute("DELETE FROM entries WHERE bucket = ? AND key = ?", (row.bucket, row.key))
+        cursor = self._db.execute(
+            "INSERT INTO entries (bucket, key, etag, size, last_modified, headers, dir, file,"
+            " block_size, present_bytes, validated_at, accessed_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                row.bucket,
+                row.key,
+                row.etag,
+                row.size,
+                row.last_modified,
+                json.dumps(row.headers),
+                row.dir,
+                row.file,
+                row.block_size,
+                present,
+                row.validated_at,
+                row.accessed_at,
+            ),
+        )
+        assert cursor.lastrowid is not None
+        return cursor.lastrowid
+
+    def pending(self) -> list[PendingRow]:
+        """Every journal row, oldest first."""
+        rows = self._db.execute(
+            "SELECT w.seq, w.entry_id, e.bucket, e.key, e.size, e.etag, w.headers,"
+            " w.acknowledged_at FROM writeback w JOIN entries e ON e.id = w.entry_id"
+            " ORDER BY w.seq"
+        ).fetchall()
+        return [
+            PendingRow(seq, entry_id, bucket, key, size, etag, _decode_headers(headers), acked)
+            for seq, entry_id, bucket, key, size, etag, headers, acked in rows
+        ]
+
+    def uploaded(
+        self,
+        seq: int,
+        entry_id: int,
+        meta: tuple[str, str, tuple[tuple[str, str], ...]] | None,
+        validated_at: float,
+    ) -> bool:
+        """A write-back object is upstream: its journal row goes and its entry takes the
+        upstream's ``meta`` (ETag, Last-Modified, headers; None: the entry is dropped).
+        False if the row was gone already (superseded)."""
+        with self._transaction():
+            if not self._db.execute("DELETE FROM writeback WHERE seq = ?", (seq,)).rowcount:
+                return False
+            if meta is None:
+                self._db.execute("DELETE FROM entries WHERE id = ?", (entry_id,))
+            else:
+                etag, modified, headers = meta
+                self._db.execute(
+                    "UPDATE entries SET etag = ?, last_modified = ?, headers = ?,"
+                    " validated_at = ? WHERE id = ?",
+                    (etag, modified, json.dumps(headers), validated_at, entry_id),
+                )
+        return True
 
     def add_block(self, entry_id: int, block: int, nbytes: int, xxh3: int) -> bool:
         """Record a block as present; False if the entry is gone meanwhile."""

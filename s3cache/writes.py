@@ -1,0 +1,713 @@
+"""Upload caching: write-through and write-back of PutObject (README, "Write modes").
+
+A write's mode comes from ``write_rules`` (longest bucket/prefix wins; ``around``
+elsewhere: the upstream takes the write, the cache forgets the key).
+
+- ``through``: the client's body is spooled into a new cache file as it streams to
+  the upstream. Once the upstream took it, a HEAD (If-Match its ETag) gives the
+  object's metadata exactly as a GET would; the file becomes the key's entry, every
+  block recorded with its xxh3 as a fill records it; then the client hears the
+  upstream's answer. A failed upload leaves no entry (the file is removed).
+- ``back``: the body is spooled to the cache file only; once its bytes are fsync'd the
+  entry and its journal row are committed together (``synchronous=FULL``), and the
+  client is answered 200 with the ETag S3 will give it (the body's MD5). The journal
+  (``writeback`` table beside the index) is drained in the background: one upload at
+  a time per key, in journal order, ``writeback_concurrency`` at once, each retried
+  with exponential backoff (capped at ``writeback_retry_max``) until the upstream
+  takes it; then the entry takes the upstream's metadata and its journal row goes.
+  A process that dies resumes every journal row at start-up. Until it is upstream, a
+  pending entry is served from the cache (never revalidated, never evicted).
+
+Ordering, last write wins at the upstream too: a later write-back of a key supersedes
+a pending one (its journal row goes with the replaced entry; one being uploaded
+finishes first); any other write of the key (through, around, delete, copy,
+multipart) waits until the key has nothing pending (``settle``).
+
+The cap: pending bytes (and spools of write-backs in progress) stay within
+``writeback_max``; a write-back that does not fit is done write-through instead, as is
+one that cannot be promised exactly (conditional or SSE-C headers, a checksum or
+Content-MD5 of the client's, a body of unknown length).
+
+Spool files are written with aiofiles (one executor hop per piece, as every file
+write here is off the loop); the uploads read them back the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import email.utils
+import hashlib
+import logging
+import os
+import random
+import time
+import zlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import aiofiles
+import aiofiles.os
+import aiohttp
+import xxhash
+from aiohttp import web
+from multidict import CIMultiDict
+
+from s3cache.config import Settings
+from s3cache.errors import BadDigest, ServiceUnavailable
+from s3cache.fill import Filler
+from s3cache.forward import relay_response, upstream_request
+from s3cache.metrics import (
+    WRITEBACK_FAILURES,
+    WRITEBACK_OLDEST,
+    WRITEBACK_PENDING_BYTES,
+    WRITEBACK_PENDING_OBJECTS,
+    WRITEBACK_UPLOADS,
+    WRITES,
+    UpstreamKind,
+    labelled,
+)
+from s3cache.s3.addressing import S3Address
+from s3cache.s3.objectmeta import Verdict, check_answer
+from s3cache.store.cache import CacheStore, CacheWriteError
+from s3cache.store.entry import ObjectMeta
+from s3cache.store.index import PendingRow
+from s3cache.upstream import UNSIGNED_PAYLOAD, Upstream
+
+log = logging.getLogger(__name__)
+
+AROUND, THROUGH, BACK = "around", "through", "back"
+_READ_PIECE = 1024 * 1024
+_FIRST_RETRY = 0.2
+# Request headers that say what S3 stores with the object, and that a GET answers
+# with: the metadata promised for a pending write-back (PutObject, "Request syntax").
+_STORED = ("cache-control", "content-disposition", "content-encoding", "content-language")
+_STORED_ALSO = ("expires", "x-amz-website-redirect-location")
+# What a write-back cannot promise exactly, or must not store before the upstream
+# checked it: conditional writes, customer keys, the client's own integrity checks.
+_NOT_BACK = ("if-match", "if-none-match", "x-amz-server-side-encryption-customer-")
+# Checksums a write-back checks itself before it answers (the upstream checks them
+# again at the upload); a request with another one is done write-through.
+_CHECKSUMS: dict[str, Callable[[], _Digest]] = {
+    "x-amz-checksum-crc32": lambda: _Crc32(),
+    "x-amz-checksum-sha1": lambda: hashlib.sha1(),
+    "x-amz-checksum-sha256": lambda: hashlib.sha256(),
+}
+_BUFFERED = "STREAMING-UNSIGNED-PAYLOAD-TRAILER"  # aws-chunked as it came: not the object
+
+
+class _Digest(Protocol):
+    def update(self, data: bytes, /) -> None: ...
+    def digest(self) -> bytes: ...
+
+
+class _Crc32:
+    """zlib's CRC-32 as S3 checksums it (big-endian, base64)."""
+
+    def __init__(self) -> None:
+        self._value = 0
+
+    def update(self, data: bytes, /) -> None:
+        self._value = zlib.crc32(data, self._value)
+
+    def digest(self) -> bytes:
+        return self._value.to_bytes(4, "big")
+
+
+@dataclass(slots=True)
+class Pending:
+    """A write-back object acknowledged and not yet confirmed upstream."""
+
+    seq: int
+    entry_id: int
+    bucket: str
+    key: str
+    size: int
+    etag: str
+    headers: tuple[tuple[str, str], ...]
+    acknowledged_at: float
+    attempts: int = 0
+
+    @classmethod
+    def of(cls, row: PendingRow) -> Pending:
+        return cls(
+            row.seq, row.entry_id, row.bucket, row.key, row.size, row.etag, row.headers,
+            row.acknowledged_at,
+        )
+
+
+class Spool:
+    """A client's body written into a new cache file as it arrives, hashed block by
+    block (xxh3-64, as a fill records blocks) and whole (MD5: the ETag of a single
+    PUT). A write that fails (disk full) stops the spooling, not the upload."""
+
+    def __init__(self, store: CacheStore, bucket: str, key: str) -> None:
+        directory, self.name, self.path = store.new_file(bucket, key)
+        self.dir = directory
+        self._block_size = store.block_size
+        self.blocks: dict[int, int] = {}
+        self.size = 0
+        self.failed = False
+        self._md5 = hashlib.md5()
+        self._block = xxhash.xxh3_64()
+        self.checks: dict[str, _Digest] = {}  # the client's checksum headers, checked
+        self._file: aiofiles.threadpool.binary.AsyncBufferedIOBase | None = None
+
+    async def open(self) -> None:
+        await aiofiles.os.makedirs(self.path.parent, exist_ok=True)
+        self._file = await aiofiles.open(self.path, "wb")
+
+    async def write(self, data: bytes) -> None:
+        if self.failed or self._file is None:
+            return
+        try:
+            await self._file.write(data)
+        except OSError as exc:
+            log.warning("write spool %s failed: %s (not cached)", self.path, exc)
+            self.failed = True
+            return
+        self._md5.update(data)
+        for digest in self.checks.values():
+            digest.update(data)
+        view = memoryview(data)
+        while view:
+            room = self._block_size - self.size % self._block_size
+            piece = view[:room]
+            self._block.update(piece)
+            self.size += len(piece)
+            view = view[len(piece) :]
+            if self.size % self._block_size == 0:
+                self._end_block()
+
+    def _end_block(self) -> None:
+        self.blocks[(self.size - 1) // self._block_size] = self._block.intdigest()
+        self._block.reset()
+
+    @property
+    def etag(self) -> str:
+        return f'"{self._md5.hexdigest()}"'
+
+    @property
+    def md5_base64(self) -> str:
+        return base64.b64encode(self._md5.digest()).decode()
+
+    async def finish(self, *, durable: bool) -> bool:
+        """Close the file (its bytes and its directory entry fsync'd if ``durable``);
+        False if it is not a complete copy."""
+        if self._file is None:
+            return False
+        if self.size % self._block_size:
+            self._end_block()
+        file, self._file = self._file, None
+        try:
+            await file.flush()
+            if durable:
+                await asyncio.get_running_loop().run_in_executor(None, _fsync, file.fileno())
+            await file.close()
+            if durable:
+                await asyncio.get_running_loop().run_in_executor(None, _fsync_dir, self.path)
+        except OSError as exc:
+            log.warning("write spool %s failed: %s (not cached)", self.path, exc)
+            self.failed = True
+        return not self.failed
+
+    def check_digests(self, request: web.Request) -> None:
+        """The body against the client's Content-MD5 and checksum headers (BadDigest)."""
+        md5 = request.headers.get("Content-MD5")
+        if md5 is not None and md5 != self.md5_base64:
+            raise BadDigest("The Content-MD5 you specified did not match what we received.")
+        for name, digest in self.checks.items():
+            if request.headers.get(name) != base64.b64encode(digest.digest()).decode():
+                algorithm = name.removeprefix("x-amz-checksum-").upper()
+                raise BadDigest(
+                    f"The {algorithm} you specified did not match the calculated checksum."
+                )
+
+    async def discard(self) -> None:
+        if self._file is not None:
+            file, self._file = self._file, None
+            with contextlib.suppress(OSError):
+                await file.close()
+        with contextlib.suppress(OSError):
+            await aiofiles.os.remove(self.path)
+
+    async def tee(self, body: AsyncIterator[bytes] | None) -> AsyncIterator[bytes]:
+        """The body as it goes to the upstream, spooled on the way."""
+        if body is None:
+            return
+        async for piece in body:
+            await self.write(piece)
+            yield piece
+
+
+@dataclass(slots=True)
+class _Totals:
+    uploads: int = 0
+    failures: int = 0
+    superseded: int = 0
+    fallbacks: int = 0  # write-backs done write-through: over writeback_max, or unpromisable
+    by_mode: dict[str, int] = field(default_factory=dict)
+
+
+class Writer:
+    """Write-through and write-back of PutObject, and the write-back uploader."""
+
+    def __init__(
+        self, settings: Settings, store: CacheStore, upstream: Upstream, filler: Filler
+    ) -> None:
+        self._settings = settings
+        self._store = store
+        self._upstream = upstream
+        self._filler = filler
+        self._max = settings.writeback_max
+        self._retry_max = settings.writeback_retry_max
+        self._slots = asyncio.Semaphore(settings.writeback_concurrency)
+        self._pending: dict[int, Pending] = {}  # by journal seq, in journal order
+        self._spooling = 0  # bytes of write-backs being spooled (counted against the cap)
+        self._uploading: dict[tuple[str, str], asyncio.Task[None]] = {}  # one per key
+        self._changed = asyncio.Condition()
+        self._totals = _Totals()
+        self._closing = False
+
+    # --- lifecycle ---------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Resume the journal as the store found it at start-up."""
+        WRITEBACK_PENDING_OBJECTS.set_function(lambda: len(self._pending))
+        WRITEBACK_PENDING_BYTES.set_function(lambda: self.pending_bytes)
+        WRITEBACK_OLDEST.set_function(self.oldest_age)
+        for row in self._store.pending_at_open:
+            self._pending[row.seq] = Pending.of(row)
+        if self._pending:
+            log.info("write-back: resuming %d pending uploads", len(self._pending))
+        for pending in list(self._pending.values()):
+            self._drain(pending.bucket, pending.key)
+
+    async def close(self) -> None:
+        self._closing = True
+        tasks = list(self._uploading.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def mode(self, bucket: str, key: str) -> str:
+        return self._settings.write_mode_for(bucket, key)
+
+    # --- what operators see ------------------------------------------------------
+
+    @property
+    def pending_bytes(self) -> int:
+        return sum(pending.size for pending in self._pending.values())
+
+    def oldest_age(self) -> float:
+        if not self._pending:
+            return 0.0
+        return max(0.0, time.time() - min(p.acknowledged_at for p in self._pending.values()))
+
+    def stats(self) -> dict[str, object]:
+        totals = self._totals
+        return {
+            "pending_objects": len(self._pending),
+            "pending_bytes": self.pending_bytes,
+            "oldest_pending_seconds": round(self.oldest_age(), 3),
+            "uploading": len(self._uploading),
+            "max_bytes": self._max,
+            "uploads": totals.uploads,
+            "upload_failures": totals.failures,
+            "superseded": totals.superseded,
+            "fallbacks_to_through": totals.fallbacks,
+            "writes": dict(totals.by_mode),
+        }
+
+    def pending_keys(self, bucket: str, prefix: str) -> list[Pending]:
+        """The newest pending write of each key under bucket/prefix."""
+        newest: dict[str, Pending] = {}
+        for pending in self._pending.values():
+            if pending.bucket == bucket and pending.key.startswith(prefix):
+                newest[pending.key] = pending
+        return [newest[key] for key in sorted(newest)]
+
+    async def flush(self, bucket: str | None = None, prefix: str = "") -> int:
+        """Wait until nothing pending under bucket/prefix (everything if no bucket) is
+        left; how many were pending when called."""
+
+        def under(pending: Pending) -> bool:
+            return bucket is None or (pending.bucket == bucket and pending.key.startswith(prefix))
+
+        waiting = sum(1 for pending in self._pending.values() if under(pending))
+        async with self._changed:
+            await self._changed.wait_for(
+                lambda: not any(under(pending) for pending in self._pending.values())
+            )
+        return waiting
+
+    async def settle(self, bucket: str, key: str) -> None:
+        """Wait until the key has no write-back pending: a write of it other than a
+        write-back goes to the upstream after those (last write wins there too)."""
+        if not any(p.bucket == bucket and p.key == key for p in self._pending.values()):
+            return
+        async with self._changed:
+            await self._changed.wait_for(
+                lambda: not any(p.bucket == bucket and p.key == key for p in self._pending.values())
+            )
+
+    # --- PutObject ---------------------------------------------------------------
+
+    async def put(
+        self,
+        request: web.Request,
+        address: S3Address,
+        mode: str,
+        changed: Callable[[], Awaitable[None]],
+    ) -> web.StreamResponse:
+        """A PutObject in mode ``through`` or ``back``; ``changed``: what the server
+        does once the key has changed (invalidation elsewhere, listings)."""
+        assert address.bucket is not None and address.key is not None
+        if mode == BACK:
+            length = _body_length(request)
+            if self._promisable(request, length):
+                assert length is not None
+                return await self._put_back(request, address, length, changed)
+            self._totals.fallbacks += 1
+            mode = THROUGH
+        await self.settle(address.bucket, address.key)
+        return await self._put_through(request, address, changed)
+
+    def _count(self, mode: str) -> None:
+        self._totals.by_mode[mode] = self._totals.by_mode.get(mode, 0) + 1
+        labelled(WRITES, mode).inc()
+
+    def _promisable(self, request: web.Request, length: int | None) -> bool:
+        if length is None or request.headers.get("x-amz-content-sha256") == _BUFFERED:
+            return False
+        if length > self._store.capacity:
+            return False
+        for name in request.headers:
+            lower = name.lower()
+            if lower.startswith(_NOT_BACK):
+                return False
+            if lower.startswith("x-amz-checksum-") and lower not in _CHECKSUMS:
+                return False
+        return self.pending_bytes + self._spooling + length <= self._max
+
+    async def _new_spool(self, bucket: str, key: str, length: int | None) -> Spool | None:
+        if request_too_big(length, self._store.capacity):
+            return None
+        try:
+            spool = Spool(self._store, bucket, key)
+            await spool.open()
+        except (CacheWriteError, OSError) as exc:
+            log.warning("not caching the upload of s3://%s/%s: %s", bucket, key, exc)
+            return None
+        return spool
+
+    async def _put_through(
+        self, request: web.Request, address: S3Address, changed: Callable[[], Awaitable[None]]
+    ) -> web.StreamResponse:
+        assert address.bucket is not None and address.key is not None
+        bucket, key = address.bucket, address.key
+        self._count(THROUGH)
+        headers, body = upstream_request(request)
+        buffered = request.headers.get("x-amz-content-sha256") == _BUFFERED
+        spool = None if buffered else await self._new_spool(bucket, key, _body_length(request))
+        stream = spool.tee(body) if spool is not None and body is not None else body
+        url = self._upstream.url(bucket, key, address.query)
+        try:
+            response = await self._upstream.request(
+                "PUT", url, headers, stream, kind=UpstreamKind.FORWARD
+            )
+        except BaseException:
+            if spool is not None:
+                await spool.discard()
+            raise
+        async with response:
+            if response.status >= 300:
+                if spool is not None:
+                    await spool.discard()
+                return await relay_response(request, response)
+            await changed()
+            if spool is not None:
+                await self._keep_through(bucket, key, spool, response)
+            return await relay_response(request, response)
+
+    async def _keep_through(
+        self, bucket: str, key: str, spool: Spool, response: aiohttp.ClientResponse
+    ) -> None:
+        """The upstream took the spooled body: make it the key's entry, with the
+        metadata a GET would answer with (a HEAD, If-Match the ETag it gave)."""
+        etag = response.headers.get("ETag")
+        complete = await spool.finish(durable=False)
+        meta = await self._head(bucket, key, etag) if complete and etag else None
+        if meta is None or meta.size != spool.size:
+            await spool.discard()
+            return
+        try:
+            await self._filler.invalidate(bucket, key)
+            await self._store.adopt(bucket, key, meta, (spool.dir, spool.name), spool.blocks)
+        except CacheWriteError as exc:
+            log.warning("not caching the upload of s3://%s/%s: %s", bucket, key, exc)
+            await spool.discard()
+
+    async def _head(self, bucket: str, key: str, etag: str | None) -> ObjectMeta | None:
+        """The object's metadata as the upstream describes it now (None if it is not
+        the version ``etag``, or cannot be asked)."""
+        try:
+            response = await self._upstream.request(
+                "HEAD",
+                self._upstream.url(bucket, key),
+                {"If-Match": etag} if etag else {},
+                kind=UpstreamKind.WRITEBACK,
+            )
+        except ServiceUnavailable as exc:
+            log.warning("HEAD s3://%s/%s after its upload: %s", bucket, key, exc)
+            return None
+        response.release()
+        if response.status != 200:
+            return None
+        checked = check_answer("HEAD", 200, response.headers, None)
+        if checked.verdict is not Verdict.CACHEABLE or checked.meta is None:
+            return None
+        return checked.meta
+
+    async def _put_back(
+        self,
+        request: web.Request,
+        address: S3Address,
+        length: int,
+        changed: Callable[[], Awaitable[None]],
+    ) -> web.StreamResponse:
+        assert address.bucket is not None and address.key is not None
+        bucket, key = address.bucket, address.key
+        spool = await self._new_spool(bucket, key, length)
+        if spool is None:
+            self._totals.fallbacks += 1
+            await self.settle(bucket, key)
+            return await self._put_through(request, address, changed)
+        self._count(BACK)
+        headers, body = upstream_request(request)
+        for name in request.headers:
+            if name.lower() in _CHECKSUMS:
+                spool.checks[name.lower()] = _CHECKSUMS[name.lower()]()
+        self._spooling += length
+        try:
+            if body is not None:
+                async for piece in body:
+                    await spool.write(piece)
+            if not await spool.finish(durable=True):
+                raise ServiceUnavailable("The cache could not store the object; retry.")
+            spool.check_digests(request)
+            meta = _promised(request, spool, time.time())
+            await changed()  # (drops the key's entry here too: before the new one is made)
+            await self._filler.invalidate(bucket, key)
+            entry, seq = await self._store.adopt(
+                bucket, key, meta, (spool.dir, spool.name), spool.blocks, _replayed(headers)
+            )
+        except BaseException:
+            await spool.discard()
+            raise
+        finally:
+            self._spooling -= length
+        assert seq is not None
+        self._add(Pending(seq, entry.id, bucket, key, meta.size, meta.etag,
+                          _replayed(headers), entry.accessed_at))
+        answer = CIMultiDict({"ETag": meta.etag})
+        for name in spool.checks:
+            answer[name] = request.headers[name]
+        return web.Response(status=200, headers=answer)
+
+    # --- the uploader ------------------------------------------------------------
+
+    def _add(self, pending: Pending) -> None:
+        superseded = [
+            seq
+            for seq, other in self._pending.items()
+            if other.bucket == pending.bucket and other.key == pending.key
+        ]
+        # Their journal rows went with the entry this write replaced; one being uploaded
+        # finishes first (the key's uploads are one task, in journal order).
+        for seq in superseded:
+            del self._pending[seq]
+            self._totals.superseded += 1
+        self._pending[pending.seq] = pending
+        self._drain(pending.bucket, pending.key)
+
+    def _drain(self, bucket: str, key: str) -> None:
+        if (bucket, key) in self._uploading or self._closing:
+            return
+        task = asyncio.get_running_loop().create_task(self._drain_key(bucket, key))
+        self._uploading[(bucket, key)] = task
+
+    async def _drain_key(self, bucket: str, key: str) -> None:
+        """Upload the key's pending writes one after the other, oldest first."""
+        try:
+            while True:
+                pending = next(
+                    (p for p in self._pending.values() if p.bucket == bucket and p.key == key),
+                    None,
+                )
+                if pending is None:
+                    return
+                await self._upload_until_done(pending)
+        finally:
+            del self._uploading[(bucket, key)]
+            if any(p.bucket == bucket and p.key == key for p in self._pending.values()):
+                self._drain(bucket, key)  # a write came in as the task ended
+
+    async def _upload_until_done(self, pending: Pending) -> None:
+        while pending.seq in self._pending:
+            async with self._slots:
+                done = await self._upload(pending)
+            if done:
+                await self._forget(pending)
+                return
+            pending.attempts += 1
+            self._totals.failures += 1
+            WRITEBACK_FAILURES.inc()
+            delay = min(self._retry_max, _FIRST_RETRY * 2 ** min(pending.attempts - 1, 30))
+            await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+
+    async def _forget(self, pending: Pending) -> None:
+        self._pending.pop(pending.seq, None)
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def _upload(self, pending: Pending) -> bool:
+        """One attempt; True once the journal row is settled (uploaded, superseded, or
+        its entry lost)."""
+        entry = await self._store.lookup(pending.bucket, pending.key)
+        if entry is None or entry.id != pending.entry_id:
+            return True  # superseded: a newer write of the key replaced the entry
+        try:
+            file = await aiofiles.open(entry.path, "rb")
+        except OSError as exc:
+            if pending.seq not in self._pending:
+                return True  # superseded meanwhile: its file went with its entry
+            log.error(
+                "write-back of s3://%s/%s: its cache file is lost (%s); the object cannot "
+                "be uploaded",
+                pending.bucket,
+                pending.key,
+                exc,
+            )
+            await self._store.uploaded(pending.seq, pending.entry_id, None)
+            return True
+        headers = CIMultiDict(pending.headers)
+        headers["Content-Length"] = str(pending.size)
+        headers["X-Amz-Content-SHA256"] = UNSIGNED_PAYLOAD
+        # The upstream checks the bytes it stores against the MD5 the client was given.
+        headers["Content-MD5"] = base64.b64encode(bytes.fromhex(pending.etag.strip('"'))).decode()
+        try:
+            response = await self._upstream.request(
+                "PUT",
+                self._upstream.url(pending.bucket, pending.key),
+                headers,
+                _pieces(file, pending.size),
+                kind=UpstreamKind.WRITEBACK,
+            )
+            async with response:
+                await response.read()
+        except (ServiceUnavailable, aiohttp.ClientError, OSError, TimeoutError) as exc:
+            log.warning("write-back of s3://%s/%s failed: %s", pending.bucket, pending.key, exc)
+            return False
+        finally:
+            await file.close()
+        if response.status != 200:
+            log.warning(
+                "write-back of s3://%s/%s: upstream answered %d",
+                pending.bucket,
+                pending.key,
+                response.status,
+            )
+            return False
+        await self._confirm(pending, response.headers.get("ETag"))
+        return True
+
+    async def _confirm(self, pending: Pending, etag: str | None) -> None:
+        if etag != pending.etag:
+            log.error(
+                "write-back of s3://%s/%s: the upstream gave ETag %s, %s was promised: "
+                "the cached copy is dropped",
+                pending.bucket,
+                pending.key,
+                etag,
+                pending.etag,
+            )
+            meta = None
+        else:
+            meta = await self._head(pending.bucket, pending.key, etag)
+            if meta is None:
+                entry = await self._store.lookup(pending.bucket, pending.key)
+                meta = entry.meta if entry is not None else None
+        await self._store.uploaded(pending.seq, pending.entry_id, meta)
+        self._totals.uploads += 1
+        WRITEBACK_UPLOADS.inc()
+
+
+def request_too_big(length: int | None, capacity: int) -> bool:
+    return length is not None and length > capacity
+
+
+def _body_length(request: web.Request) -> int | None:
+    decoded = request.headers.get("x-amz-decoded-content-length")
+    if decoded is not None and decoded.isdigit():
+        return int(decoded)
+    return request.content_length if request.body_exists else 0
+
+
+def _promised(request: web.Request, spool: Spool, now: float) -> ObjectMeta:
+    """The metadata S3 will answer a GET of the object with, once it has it: the MD5
+    ETag of a single PUT, Last-Modified the acknowledgement, what the request stored."""
+    headers: list[tuple[str, str]] = [
+        ("Content-Type", request.headers.get("Content-Type", "binary/octet-stream"))
+    ]
+    for name, value in request.headers.items():
+        lower = name.lower()
+        if lower in _STORED or lower in _STORED_ALSO or lower.startswith("x-amz-meta-") or (
+            lower in spool.checks
+        ):
+            headers.append((lower if lower.startswith("x-amz-") else name, value))
+    return ObjectMeta(
+        etag=spool.etag,
+        size=spool.size,
+        last_modified=email.utils.formatdate(now, usegmt=True),
+        headers=tuple(headers),
+    )
+
+
+def _replayed(headers: CIMultiDict[str]) -> tuple[tuple[str, str], ...]:
+    """The upload's headers, as the forwarder would send them (length and payload
+    hash are set per attempt)."""
+    return tuple(
+        (name, value)
+        for name, value in headers.items()
+        if name.lower() not in ("content-length", "x-amz-content-sha256")
+    )
+
+
+async def _pieces(
+    file: aiofiles.threadpool.binary.AsyncBufferedReader, size: int
+) -> AsyncIterator[bytes]:
+    left = size
+    while left > 0:
+        piece = await file.read(min(_READ_PIECE, left))
+        if not piece:
+            raise OSError(f"cache file ended {left} bytes early")
+        left -= len(piece)
+        yield piece
+
+
+def _fsync(fd: int) -> None:
+    os.fsync(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
