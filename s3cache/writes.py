@@ -60,6 +60,7 @@ from s3cache.config import Settings
 from s3cache.errors import BadDigest, ServiceUnavailable
 from s3cache.fill import Filler
 from s3cache.forward import relay_response, upstream_request
+from s3cache.listing import Listed
 from s3cache.metrics import (
     WRITEBACK_FAILURES,
     WRITEBACK_OLDEST,
@@ -271,6 +272,9 @@ class Writer:
         self._changed = asyncio.Condition()
         self._totals = _Totals()
         self._closing = False
+        # Called with (bucket, key) once a write-back object is upstream (the listing
+        # cache forgets the bucket's listings: they did not have it).
+        self.on_uploaded: list[Callable[[str, str], None]] = []
 
     # --- lifecycle ---------------------------------------------------------------
 
@@ -322,13 +326,16 @@ class Writer:
             "writes": dict(totals.by_mode),
         }
 
-    def pending_keys(self, bucket: str, prefix: str) -> list[Pending]:
-        """The newest pending write of each key under bucket/prefix."""
+    def pending_keys(self, bucket: str, prefix: str) -> list[Listed]:
+        """What listings of bucket/prefix merge: the newest pending write of each key."""
         newest: dict[str, Pending] = {}
         for pending in self._pending.values():
             if pending.bucket == bucket and pending.key.startswith(prefix):
                 newest[pending.key] = pending
-        return [newest[key] for key in sorted(newest)]
+        return [
+            Listed(key, newest[key].size, newest[key].etag, newest[key].acknowledged_at)
+            for key in sorted(newest)
+        ]
 
     async def flush(self, bucket: str | None = None, prefix: str = "") -> int:
         """Wait until nothing pending under bucket/prefix (everything if no bucket) is
@@ -642,6 +649,8 @@ class Writer:
                 entry = await self._store.lookup(pending.bucket, pending.key)
                 meta = entry.meta if entry is not None else None
         await self._store.uploaded(pending.seq, pending.entry_id, meta)
+        for listener in self.on_uploaded:
+            listener(pending.bucket, pending.key)
         self._totals.uploads += 1
         WRITEBACK_UPLOADS.inc()
 

@@ -110,3 +110,66 @@ def test_flush_returns_once_the_prefix_is_upstream(
         for key, body in bodies.items():  # all upstream when flush returned
             assert cached.direct.get_object(Bucket=bucket, Key=key)["Body"].read() == body
         assert cached.stats()["writeback"]["pending_objects"] == 0
+
+
+def test_write_back_last_write_wins_at_the_upstream_too(
+    tmp_path: Path, upstream: SeaweedS3, bucket: str
+) -> None:
+    import threading
+
+    with running_cache(tmp_path, upstream, "--write-rule", f"{bucket}=back") as cached:
+        cached.relay.fault = Fault(status=503, match_method="PUT")
+        first, second = os.urandom(200 * 1024), os.urandom(300 * 1024)
+        cached.client.put_object(Bucket=bucket, Key="k", Body=first)
+        cached.client.put_object(Bucket=bucket, Key="k", Body=second)
+        assert get(cached.client, bucket, "k") == second
+        assert cached.stats()["writeback"]["superseded"] == 1
+        cached.client.put_object(Bucket=bucket, Key="gone", Body=first)
+        # A DELETE of a key with a write-back pending goes upstream after it.
+        threading.Timer(1.0, lambda: setattr(cached.relay, "fault", None)).start()
+        cached.client.delete_object(Bucket=bucket, Key="gone")
+        on_gone = [
+            (r.method, r.status) for r in cached.relay.records() if r.path.endswith("/gone")
+        ]
+        assert ("PUT", 200) in on_gone
+        assert on_gone.index(("PUT", 200)) < on_gone.index(("DELETE", 204))
+        with pytest.raises(Exception, match="404|Not Found"):
+            cached.direct.head_object(Bucket=bucket, Key="gone")
+        with pytest.raises(Exception, match="NoSuchKey"):
+            cached.client.get_object(Bucket=bucket, Key="gone")
+        _wait_drained(cached)
+        assert cached.direct.get_object(Bucket=bucket, Key="k")["Body"].read() == second
+        puts = [r for r in cached.relay.records() if r.method == "PUT" and r.path.endswith("/k")]
+        assert puts and all(r.fault for r in puts[:-1])  # first never went through
+
+
+def test_listings_show_write_back_objects_before_the_upstream_has_them(
+    tmp_path: Path, upstream: SeaweedS3, bucket: str
+) -> None:
+    cached_dir = tmp_path
+    with running_cache(cached_dir, upstream, "--write-rule", f"{bucket}/run/=back") as cached:
+        cached.direct.put_object(Bucket=bucket, Key="run/a.pt", Body=b"old")
+        cached.direct.put_object(Bucket=bucket, Key="run/z.pt", Body=b"z")
+        before = cached.client.list_objects_v2(Bucket=bucket, Prefix="run/")  # (cached)
+        assert [o["Key"] for o in before["Contents"]] == ["run/a.pt", "run/z.pt"]
+        cached.relay.fault = Fault(status=503, match_method="PUT")
+        cached.client.put_object(Bucket=bucket, Key="run/a.pt", Body=b"new!")
+        cached.client.put_object(Bucket=bucket, Key="run/m.pt", Body=b"m" * 10)
+        cached.client.put_object(Bucket=bucket, Key="run/sub/x.pt", Body=b"x")
+        listed = cached.client.list_objects_v2(Bucket=bucket, Prefix="run/")
+        assert [(o["Key"], o["Size"]) for o in listed["Contents"]] == [
+            ("run/a.pt", 4), ("run/m.pt", 10), ("run/sub/x.pt", 1), ("run/z.pt", 1)
+        ]
+        assert listed["KeyCount"] == 4
+        rolled = cached.client.list_objects_v2(Bucket=bucket, Prefix="run/", Delimiter="/")
+        assert [o["Key"] for o in rolled["Contents"]] == ["run/a.pt", "run/m.pt", "run/z.pt"]
+        assert [p["Prefix"] for p in rolled["CommonPrefixes"]] == ["run/sub/"]
+        v1 = cached.client.list_objects(Bucket=bucket, Prefix="run/", Marker="run/b")
+        assert [o["Key"] for o in v1["Contents"]] == ["run/m.pt", "run/sub/x.pt", "run/z.pt"]
+        cached.relay.fault = None
+        _wait_drained(cached)
+        after = cached.client.list_objects_v2(Bucket=bucket, Prefix="run/")
+        direct = cached.direct.list_objects_v2(Bucket=bucket, Prefix="run/")
+        assert [(o["Key"], o["ETag"]) for o in after["Contents"]] == [
+            (o["Key"], o["ETag"]) for o in direct["Contents"]
+        ]

@@ -90,6 +90,8 @@ async def _components(app: web.Application) -> AsyncIterator[None]:
     app[CLUSTER] = cluster
     app[READER] = Reader(live, store, filler, upstream, prefetcher)
     writer = app[WRITER] = Writer(settings, store, upstream, filler)
+    app[LISTINGS].pending = writer.pending_keys
+    writer.on_uploaded.append(lambda bucket, _key: app[LISTINGS].invalidate(bucket))
     await writer.start()
     role = app.get(ROLE)
     if role is not None:
