@@ -22,6 +22,7 @@ import functools
 import hashlib
 import hmac
 import http.client
+import json
 import logging
 import signal
 import time
@@ -67,6 +68,7 @@ from s3cache.s3.sigv4 import (
     secret_lookup,
 )
 from s3cache.sandbox.proxy import S3CacheProcess, client_of
+from s3cache.sandbox.relay import Relay
 from s3cache.sandbox.seaweed import SeaweedS3
 
 HeaderList = list[tuple[str, str]]
@@ -1078,3 +1080,27 @@ def test_client_key_grants_apply_to_sigv2(tmp_path: Path, upstream: SeaweedS3) -
             direct.delete_object(Bucket=bucket, Key=key)
         direct.delete_bucket(Bucket=bucket)
         direct.close()
+
+
+def test_sigv2_presigned_reads_are_cached(
+    tmp_path: Path, upstream: SeaweedS3, bucket: str
+) -> None:
+    """A SigV2 presigned GET is a plain read (its AWSAccessKeyId, Signature and Expires
+    are the client's own): the second one is a hit, no GET reaches the upstream."""
+    put_directly(upstream, bucket, "shard", b"x" * 100_000)
+    with Relay(upstream.endpoint_url) as relay:
+        proxy = S3CacheProcess(tmp_path, upstream, upstream_endpoint=relay.endpoint_url)
+        with proxy:
+            client = client_of(proxy.endpoint_url, upstream, signature_version="s3")
+            url = client.generate_presigned_url(
+                "get_object", Params={"Bucket": bucket, "Key": "shard"}
+            )
+            assert "AWSAccessKeyId=" in url
+            assert fetch(url) == (200, b"x" * 100_000)
+            relay.reset()
+            assert fetch(url) == (200, b"x" * 100_000)
+            assert relay.count("GET") == 0
+            with urllib.request.urlopen(proxy.endpoint_url + "/_s3cache/stats") as answer:
+                stats = json.loads(answer.read())
+            assert stats["reads"]["hit"] == 1
+            client.close()

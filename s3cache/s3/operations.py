@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping
 
-from s3cache.s3.addressing import S3Address
+from s3cache.s3.addressing import CLIENT_AUTH_PARAMS, S3Address
 
 # Query parameters of ListObjects (v1 and v2) on a bucket.
 _LIST_PARAMS = frozenset(
@@ -51,7 +51,11 @@ class Operation(enum.Enum):
 
 
 def classify(method: str, address: S3Address, headers: Mapping[str, str]) -> Operation:
-    params = {name.lower() for name, _ in address.query if not name.lower().startswith("x-amz-")}
+    params = {
+        name
+        for name in (name.lower() for name, _ in address.query)
+        if not name.startswith("x-amz-") and name not in CLIENT_AUTH_PARAMS
+    }
     if address.bucket is None:
         return Operation.LIST if method == "GET" else Operation.OTHER
     if "uploads" in params or "uploadid" in params:
