@@ -54,7 +54,10 @@ OUTCOME = web.RequestKey("outcome", CacheOutcome)
 # Query parameters of a plain GetObject/HeadObject: anything else is another operation
 # (?tagging, ?acl, ?attributes…) or a read the cache cannot answer (?versionId,
 # ?partNumber), and is forwarded.
-_PLAIN_READ_PARAMS = frozenset(RESPONSE_OVERRIDES) | {"x-id"}
+# SigV2 presigned URLs authenticate with AWSAccessKeyId, Signature and Expires (SigV4
+# ones with X-Amz-* parameters): the client's own, never sent upstream.
+_SIGV2_QUERY_AUTH = frozenset({"AWSAccessKeyId", "Signature", "Expires"})
+_PLAIN_READ_PARAMS = frozenset(RESPONSE_OVERRIDES) | {"x-id"} | _SIGV2_QUERY_AUTH
 _SSE_C = "x-amz-server-side-encryption-customer-algorithm"
 # A block fetch that fails is retried this many times within one request.
 FETCH_ATTEMPTS = 3
