@@ -10,6 +10,9 @@
     ├── MalformedXML             400  a request body's XML does not parse or validate
     ├── XAmzContentSHA256Mismatch 400 the body does not hash to the signed payload hash
     ├── BadDigest                400  the body does not match its Content-MD5 or checksum
+    ├── InvalidPart              400  a completed upload names a part that is not there
+    ├── InvalidPartOrder         400  ... or names its parts out of order
+    ├── EntityTooSmall           400  ... or a part but the last is under 5 MiB
     ├── AuthorizationHeaderMalformed       400  the SigV4 Authorization header cannot be used
     ├── AuthorizationQueryParametersError  400  the SigV4 presigned-URL parameters cannot be used
     ├── AccessDenied             403
@@ -90,6 +93,21 @@ class XAmzContentSHA256Mismatch(S3Error):
 
 class BadDigest(S3Error):
     code = "BadDigest"
+    status = 400
+
+
+class InvalidPart(S3Error):
+    code = "InvalidPart"
+    status = 400
+
+
+class InvalidPartOrder(S3Error):
+    code = "InvalidPartOrder"
+    status = 400
+
+
+class EntityTooSmall(S3Error):
+    code = "EntityTooSmall"
     status = 400
 
 

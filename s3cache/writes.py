@@ -43,11 +43,13 @@ import logging
 import os
 import random
 import time
+import xml.etree.ElementTree as ET
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
+from xml.sax.saxutils import escape
 
 import aiofiles
 import aiofiles.os
@@ -99,6 +101,13 @@ _CHECKSUMS: dict[str, Callable[[], _Digest]] = {
 }
 _BUFFERED = "STREAMING-UNSIGNED-PAYLOAD-TRAILER"  # aws-chunked as it came: not the object
 
+# What the server does once a key has changed (drops it elsewhere, listings).
+Changed = Callable[[], Awaitable[None]]
+# Writes an object's bytes into a new cache file at a path; its block hashes.
+Joiner = Callable[[Path, int], Awaitable[dict[int, int]]]
+# Bytes to upload: a file, an offset in it, a size, their MD5 (hex).
+Source = tuple[Path, int, int, str]
+
 
 class _Digest(Protocol):
     def update(self, data: bytes, /) -> None: ...
@@ -131,12 +140,13 @@ class Pending:
     headers: tuple[tuple[str, str], ...]
     acknowledged_at: float
     attempts: int = 0
+    parts: tuple[tuple[int, str], ...] | None = None  # multipart: (size, md5 hex) each
 
     @classmethod
     def of(cls, row: PendingRow) -> Pending:
         return cls(
             row.seq, row.entry_id, row.bucket, row.key, row.size, row.etag, row.headers,
-            row.acknowledged_at,
+            row.acknowledged_at, parts=row.parts,
         )
 
 
@@ -510,7 +520,7 @@ class Writer:
             await changed()  # (drops the key's entry here too: before the new one is made)
             await self._filler.invalidate(bucket, key)
             entry, seq = await self._store.adopt(
-                bucket, key, meta, (spool.dir, spool.name), spool.blocks, _replayed(headers)
+                bucket, key, meta, (spool.dir, spool.name), spool.blocks, replayed(headers)
             )
         except BaseException:
             await spool.discard()
@@ -519,7 +529,7 @@ class Writer:
             self._spooling -= length
         assert seq is not None
         self._add(Pending(seq, entry.id, bucket, key, meta.size, meta.etag,
-                          _replayed(headers), entry.accessed_at))
+                          replayed(headers), entry.accessed_at))
         answer = CIMultiDict({"ETag": meta.etag})
         for name in spool.checks:
             answer[name] = request.headers[name]
@@ -587,50 +597,204 @@ class Writer:
         entry = await self._store.lookup(pending.bucket, pending.key)
         if entry is None or entry.id != pending.entry_id:
             return True  # superseded: a newer write of the key replaced the entry
-        try:
-            file = await aiofiles.open(entry.path, "rb")
-        except OSError as exc:
+        if not await aiofiles.os.path.isfile(entry.path):
             if pending.seq not in self._pending:
                 return True  # superseded meanwhile: its file went with its entry
             log.error(
-                "write-back of s3://%s/%s: its cache file is lost (%s); the object cannot "
-                "be uploaded",
+                "write-back of s3://%s/%s: its cache file is lost; the object cannot be "
+                "uploaded",
                 pending.bucket,
                 pending.key,
-                exc,
             )
             await self._store.uploaded(pending.seq, pending.entry_id, None)
             return True
-        headers = CIMultiDict(pending.headers)
-        headers["Content-Length"] = str(pending.size)
-        headers["X-Amz-Content-SHA256"] = UNSIGNED_PAYLOAD
-        # The upstream checks the bytes it stores against the MD5 the client was given.
-        headers["Content-MD5"] = base64.b64encode(bytes.fromhex(pending.etag.strip('"'))).decode()
+        if pending.parts is None:
+            sources = [(entry.path, 0, pending.size, pending.etag.strip('"'))]
+        else:
+            sources, offset = [], 0
+            for size, md5 in pending.parts:
+                sources.append((entry.path, offset, size, md5))
+                offset += size
         try:
+            etag = await self._send(pending.bucket, pending.key, pending.headers, sources)
+        except (ServiceUnavailable, aiohttp.ClientError, OSError, TimeoutError) as exc:
+            log.warning("write-back of s3://%s/%s failed: %s", pending.bucket, pending.key, exc)
+            return False
+        await self._confirm(pending, etag)
+        return True
+
+    async def _send(
+        self,
+        bucket: str,
+        key: str,
+        headers: tuple[tuple[str, str], ...],
+        sources: list[Source],
+        *,
+        multipart: bool | None = None,
+    ) -> str | None:
+        """Upload the bytes of ``sources`` (file, offset, size, MD5 hex): one PUT for one
+        source, else a multipart upload with one part per source (the client's part
+        boundaries, so that the ETag is the one promised). The upstream's ETag;
+        ServiceUnavailable if it refused."""
+        if not (len(sources) > 1 if multipart is None else multipart):
+            return await self._put_part(bucket, key, headers, sources[0], ())
+        url = self._upstream.url(bucket, key, (("uploads", ""),))
+        response = await self._upstream.request(
+            "POST", url, CIMultiDict(headers), b"", kind=UpstreamKind.WRITEBACK
+        )
+        async with response:
+            answer = await response.read()
+        upload_id = _xml_text(answer, "UploadId") if response.status == 200 else None
+        if upload_id is None:
+            raise ServiceUnavailable(f"CreateMultipartUpload answered {response.status}")
+        try:
+            etags = []
+            for number, source in enumerate(sources, 1):
+                query = (("partNumber", str(number)), ("uploadId", upload_id))
+                etags.append(await self._put_part(bucket, key, (), source, query))
+            return await self._finish_upload(bucket, key, upload_id, etags)
+        except BaseException:
+            await self._abort_upload(bucket, key, upload_id)
+            raise
+
+    async def _put_part(
+        self,
+        bucket: str,
+        key: str,
+        headers: tuple[tuple[str, str], ...],
+        source: Source,
+        query: tuple[tuple[str, str], ...],
+    ) -> str | None:
+        path, offset, size, md5 = source
+        sent = CIMultiDict(headers)
+        sent["Content-Length"] = str(size)
+        sent["X-Amz-Content-SHA256"] = UNSIGNED_PAYLOAD
+        # The upstream checks the bytes it stores against the MD5 the client was given.
+        sent["Content-MD5"] = base64.b64encode(bytes.fromhex(md5)).decode()
+        file = await aiofiles.open(path, "rb")
+        try:
+            await file.seek(offset)
             response = await self._upstream.request(
                 "PUT",
-                self._upstream.url(pending.bucket, pending.key),
-                headers,
-                _pieces(file, pending.size),
+                self._upstream.url(bucket, key, query),
+                sent,
+                _pieces(file, size),
                 kind=UpstreamKind.WRITEBACK,
             )
             async with response:
                 await response.read()
-        except (ServiceUnavailable, aiohttp.ClientError, OSError, TimeoutError) as exc:
-            log.warning("write-back of s3://%s/%s failed: %s", pending.bucket, pending.key, exc)
-            return False
         finally:
             await file.close()
         if response.status != 200:
-            log.warning(
-                "write-back of s3://%s/%s: upstream answered %d",
-                pending.bucket,
-                pending.key,
-                response.status,
+            raise ServiceUnavailable(f"upstream answered {response.status}")
+        return response.headers.get("ETag")
+
+    async def _finish_upload(
+        self, bucket: str, key: str, upload_id: str, etags: list[str | None]
+    ) -> str | None:
+        parts = "".join(
+            f"<Part><PartNumber>{n}</PartNumber><ETag>{escape(etag or '')}</ETag></Part>"
+            for n, etag in enumerate(etags, 1)
+        )
+        body = f"<CompleteMultipartUpload>{parts}</CompleteMultipartUpload>".encode()
+        headers = CIMultiDict({"Content-Type": "application/xml"})
+        headers["X-Amz-Content-SHA256"] = hashlib.sha256(body).hexdigest()
+        url = self._upstream.url(bucket, key, (("uploadId", upload_id),))
+        response = await self._upstream.request(
+            "POST", url, headers, body, kind=UpstreamKind.WRITEBACK
+        )
+        async with response:
+            answer = await response.read()
+        # A 200 can carry an error (CompleteMultipartUpload, "Response elements").
+        if response.status != 200 or b"<Error>" in answer:
+            raise ServiceUnavailable(
+                f"CompleteMultipartUpload answered {response.status}: {answer[:300]!r}"
             )
-            return False
-        await self._confirm(pending, response.headers.get("ETag"))
-        return True
+        return _xml_text(answer, "ETag")
+
+    async def _abort_upload(self, bucket: str, key: str, upload_id: str) -> None:
+        url = self._upstream.url(bucket, key, (("uploadId", upload_id),))
+        with contextlib.suppress(ServiceUnavailable, aiohttp.ClientError, OSError):
+            response = await self._upstream.request(
+                "DELETE", url, {}, None, kind=UpstreamKind.WRITEBACK
+            )
+            response.release()
+
+    # --- hooks of the multipart module -------------------------------------------
+
+    def room_for(self, size: int) -> bool:
+        """Whether a write-back of ``size`` bytes fits under writeback_max now."""
+        fits = size <= self._store.capacity and (
+            self.pending_bytes + self._spooling + size <= self._max
+        )
+        if not fits:
+            self._totals.fallbacks += 1
+        return fits
+
+    async def upload_now(
+        self, bucket: str, key: str, headers: tuple[tuple[str, str], ...], sources: list[Source]
+    ) -> None:
+        """A write-back over the cap, done there and then (the client waits)."""
+        await self.settle(bucket, key)
+        self._count(THROUGH)
+        await self._send(bucket, key, headers, sources, multipart=True)
+        await self._filler.invalidate(bucket, key)
+
+    async def keep_back(
+        self,
+        bucket: str,
+        key: str,
+        meta: ObjectMeta,
+        headers: tuple[tuple[str, str], ...],
+        parts: tuple[tuple[int, str], ...],
+        join: Joiner,
+        changed: Changed,
+    ) -> None:
+        """A completed write-back multipart upload: joined into a new cache file
+        (fsync'd by ``join``), then its entry and journal row committed."""
+        self._count(BACK)
+        directory, name, path = self._store.new_file(bucket, key)
+        self._spooling += meta.size
+        try:
+            blocks = await join(path, self._store.block_size)
+            await changed()
+            await self._filler.invalidate(bucket, key)
+            entry, seq = await self._store.adopt(
+                bucket, key, meta, (directory, name), blocks, headers, parts
+            )
+        except BaseException:
+            with contextlib.suppress(OSError):
+                await aiofiles.os.remove(path)
+            raise
+        finally:
+            self._spooling -= meta.size
+        assert seq is not None
+        self._add(
+            Pending(seq, entry.id, bucket, key, meta.size, meta.etag, headers,
+                    entry.accessed_at, parts=parts)
+        )
+
+    async def keep_through(
+        self, bucket: str, key: str, etag: str, size: int, join: Joiner
+    ) -> None:
+        """A completed write-through multipart upload: its parts become the entry."""
+        self._count(THROUGH)
+        meta = await self._head(bucket, key, etag)
+        if meta is None or meta.size != size or size > self._store.capacity:
+            return
+        try:
+            directory, name, path = self._store.new_file(bucket, key)
+        except CacheWriteError:
+            return
+        try:
+            blocks = await join(path, self._store.block_size)
+            await self._filler.invalidate(bucket, key)
+            await self._store.adopt(bucket, key, meta, (directory, name), blocks)
+            return
+        except (OSError, CacheWriteError) as exc:
+            log.warning("not caching the upload of s3://%s/%s: %s", bucket, key, exc)
+        with contextlib.suppress(OSError):
+            await aiofiles.os.remove(path)
 
     async def _confirm(self, pending: Pending, etag: str | None) -> None:
         if etag != pending.etag:
@@ -667,26 +831,33 @@ def _body_length(request: web.Request) -> int | None:
 
 
 def _promised(request: web.Request, spool: Spool, now: float) -> ObjectMeta:
-    """The metadata S3 will answer a GET of the object with, once it has it: the MD5
-    ETag of a single PUT, Last-Modified the acknowledgement, what the request stored."""
+    return promised_meta(request, spool.etag, spool.size, now, tuple(spool.checks))
+
+
+def promised_meta(
+    request: web.Request, etag: str, size: int, now: float, checksums: tuple[str, ...]
+) -> ObjectMeta:
+    """The metadata S3 will answer a GET of the object with, once it has it: the ETag
+    promised, Last-Modified the acknowledgement, what the request stored (Content-Type,
+    user metadata…, the checksums in ``checksums``)."""
     headers: list[tuple[str, str]] = [
         ("Content-Type", request.headers.get("Content-Type", "binary/octet-stream"))
     ]
     for name, value in request.headers.items():
         lower = name.lower()
         if lower in _STORED or lower in _STORED_ALSO or lower.startswith("x-amz-meta-") or (
-            lower in spool.checks
+            lower in checksums
         ):
             headers.append((lower if lower.startswith("x-amz-") else name, value))
     return ObjectMeta(
-        etag=spool.etag,
-        size=spool.size,
+        etag=etag,
+        size=size,
         last_modified=email.utils.formatdate(now, usegmt=True),
         headers=tuple(headers),
     )
 
 
-def _replayed(headers: CIMultiDict[str]) -> tuple[tuple[str, str], ...]:
+def replayed(headers: CIMultiDict[str]) -> tuple[tuple[str, str], ...]:
     """The upload's headers, as the forwarder would send them (length and payload
     hash are set per attempt)."""
     return tuple(
@@ -719,4 +890,17 @@ def _fsync_dir(path: Path) -> None:
     finally:
         os.close(fd)
 
+
+
+
+def _xml_text(document: bytes, tag: str) -> str | None:
+    """The text of the first element named ``tag`` in an S3 answer (None if none)."""
+    try:
+        root = ET.fromstring(document)
+    except ET.ParseError:
+        return None
+    for element in root.iter():
+        if element.tag.rsplit("}", 1)[-1] == tag:
+            return element.text
+    return None
 

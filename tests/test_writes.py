@@ -3,14 +3,18 @@ s3cache and a counting relay in front of a real SeaweedFS."""
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from s3cache.sandbox.relay import Fault
 from s3cache.sandbox.seaweed import SeaweedS3
 from tests.cached_proxy import Cached, get, running_cache
+
+MIB = 1024 * 1024
 
 
 def _wait_drained(cached: Cached, timeout: float = 30.0) -> None:
@@ -173,3 +177,33 @@ def test_listings_show_write_back_objects_before_the_upstream_has_them(
         assert [(o["Key"], o["ETag"]) for o in after["Contents"]] == [
             (o["Key"], o["ETag"]) for o in direct["Contents"]
         ]
+
+
+def _multipart_upload(client: Any, bucket: str, key: str, body: bytes) -> None:
+    from boto3.s3.transfer import TransferConfig
+
+    config = TransferConfig(multipart_threshold=5 * MIB, multipart_chunksize=5 * MIB)
+    client.upload_fileobj(io.BytesIO(body), bucket, key, Config=config)
+
+
+@pytest.mark.parametrize("mode", ["through", "back"])
+def test_multipart_upload_is_cached(
+    tmp_path: Path, upstream: SeaweedS3, bucket: str, mode: str
+) -> None:
+    with running_cache(tmp_path, upstream, "--write-rule", f"{bucket}={mode}") as cached:
+        if mode == "back":
+            cached.relay.fault = Fault(status=503, match_method="PUT")
+        body = os.urandom(12 * MIB + 12345)  # parts of 5, 5 and 2 MiB
+        _multipart_upload(cached.client, bucket, "big.pt", body)
+        head = cached.client.head_object(Bucket=bucket, Key="big.pt")
+        assert head["ETag"].endswith('-3"') and head["ContentLength"] == len(body)
+        cached.relay.reset()
+        assert get(cached.client, bucket, "big.pt") == body
+        assert cached.relay.count("GET") == 0
+        cached.relay.fault = None
+        if mode == "back":
+            _wait_drained(cached)
+        stored = cached.direct.get_object(Bucket=bucket, Key="big.pt")
+        assert stored["ETag"] == head["ETag"]  # promised (back), or the upstream's (through)
+        assert stored["Body"].read() == body
+        assert not cached.direct.list_multipart_uploads(Bucket=bucket).get("Uploads")

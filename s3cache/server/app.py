@@ -14,6 +14,7 @@ from s3cache.cluster import Cluster
 from s3cache.config import RELOADABLE, ConfigError, LiveSettings, Settings, WorkerRole
 from s3cache.fill import Filler
 from s3cache.listing import ListingCache
+from s3cache.multipart import Multipart
 from s3cache.prefetch import Prefetcher
 from s3cache.reader import Reader
 from s3cache.server.auth import Authenticator
@@ -26,6 +27,7 @@ from s3cache.server.keys import (
     HUB,
     LISTINGS,
     LIVE_SETTINGS,
+    MULTIPART,
     PREFETCHER,
     READER,
     ROLE,
@@ -90,9 +92,13 @@ async def _components(app: web.Application) -> AsyncIterator[None]:
     app[CLUSTER] = cluster
     app[READER] = Reader(live, store, filler, upstream, prefetcher)
     writer = app[WRITER] = Writer(settings, store, upstream, filler)
+    await writer.start()
+    writer = app[WRITER] = Writer(settings, store, upstream, filler)
     app[LISTINGS].pending = writer.pending_keys
     writer.on_uploaded.append(lambda bucket, _key: app[LISTINGS].invalidate(bucket))
     await writer.start()
+    app[MULTIPART] = Multipart(store, upstream, writer, settings.cache_dirs)
+    await app[MULTIPART].start()
     role = app.get(ROLE)
     if role is not None:
         hub = app[HUB] = WorkerHub(WorkerSigner(role.secret), store, prefetcher)

@@ -25,6 +25,7 @@ from s3cache.server.keys import (
     HUB,
     LISTINGS,
     LIVE_SETTINGS,
+    MULTIPART,
     READER,
     UPSTREAM,
     WRITER,
@@ -107,6 +108,17 @@ async def forward_write(
                 await _invalidate(app, bucket, [key])
 
             return await writer.put(request, address, mode, changed)
+    multipart = app[MULTIPART]
+    if request[OPERATION] is Operation.MULTIPART and address.key is not None:
+        key = address.key
+        mode = writer.mode(bucket, key)
+        if multipart.handles(request, address) and (mode != AROUND or address.param("uploadId")):
+
+            async def changed_by_upload() -> None:
+                app[LISTINGS].invalidate(bucket)
+                await _invalidate(app, bucket, [key])
+
+            return await multipart.handle(request, address, mode, changed_by_upload)
     # A quiet DeleteObjects answer names no key: take them from the request too.
     requested = deleted_keys(delete_body) if delete_body is not None else []
     # Any other write of a key with a write-back pending goes upstream after it.

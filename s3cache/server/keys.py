@@ -8,6 +8,7 @@ from s3cache.cluster import Cluster
 from s3cache.config import LiveSettings, WorkerRole
 from s3cache.fill import Filler
 from s3cache.listing import ListingCache
+from s3cache.multipart import Multipart
 from s3cache.prefetch import Prefetcher
 from s3cache.reader import Reader
 from s3cache.server.auth import Authenticator
@@ -26,6 +27,7 @@ LISTINGS = web.AppKey("listings", ListingCache)
 AUTH = web.AppKey("auth", Authenticator)
 CLUSTER = web.AppKey("cluster", Cluster)
 WRITER = web.AppKey("writer", Writer)
+MULTIPART = web.AppKey("multipart", Multipart)
 # With several workers: this worker's role; on the primary, its side of the channel.
 ROLE = web.AppKey("role", WorkerRole)
 HUB = web.AppKey("hub", WorkerHub)

@@ -315,6 +315,7 @@ class CacheStore:
         place: tuple[int, str],
         blocks: dict[int, int],
         upload_headers: tuple[tuple[str, str], ...] | None = None,
+        parts: tuple[tuple[int, str], ...] | None = None,
     ) -> tuple[Entry, int | None]:
         """Make a complete file already written (and, for write-back, fsync'd) at
         ``place`` (from ``new_file``) the entry of bucket/key, replacing any entry of the
@@ -342,7 +343,9 @@ class CacheStore:
             accessed_at=now,
             blocks=blocks,
         )
-        entry_id, seq = await self._index_write(self.index.insert_whole, row, upload_headers)
+        entry_id, seq = await self._index_write(
+            self.index.insert_whole, row, upload_headers, parts
+        )
         self.entries += 1
         self.used += meta.size
         if seq is not None:

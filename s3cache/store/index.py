@@ -55,7 +55,8 @@ CREATE TABLE IF NOT EXISTS writeback (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,  -- upload order
     entry_id INTEGER NOT NULL REFERENCES entries (id) ON DELETE CASCADE,
     headers TEXT NOT NULL,  -- the upload's request headers
-    acknowledged_at REAL NOT NULL
+    acknowledged_at REAL NOT NULL,
+    parts TEXT  -- a multipart upload's parts, [[size, md5 hex], ...]; NULL: one PUT
 );
 CREATE INDEX IF NOT EXISTS writeback_by_entry ON writeback (entry_id);
 """
@@ -91,6 +92,7 @@ class PendingRow:
     etag: str
     headers: tuple[tuple[str, str], ...]  # the upload's request headers
     acknowledged_at: float
+    parts: tuple[tuple[int, str], ...] | None = None  # multipart: (size, md5 hex) each
 
 
 _ENTRY_COLUMNS = (
@@ -109,6 +111,9 @@ class Index:
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.executescript(SCHEMA)
+        journal = {row[1] for row in self._db.execute("PRAGMA table_info(writeback)")}
+        if "parts" not in journal:  # a journal written before multipart write-back
+            self._db.execute("ALTER TABLE writeback ADD COLUMN parts TEXT")
 
     def close(self) -> None:
         self._db.close()
@@ -205,7 +210,10 @@ class Index:
         return cursor.lastrowid
 
     def insert_whole(
-        self, row: EntryRow, upload_headers: tuple[tuple[str, str], ...] | None = None
+        self,
+        row: EntryRow,
+        upload_headers: tuple[tuple[str, str], ...] | None = None,
+        parts: tuple[tuple[int, str], ...] | None = None,
     ) -> tuple[int, int | None]:
         """Insert an entry with all its blocks (``row.blocks``: its file is complete and
         written), replacing any entry of the key, in one commit; with
@@ -224,9 +232,14 @@ class Index:
                 seq = None
                 if upload_headers is not None:
                     cursor = self._db.execute(
-                        "INSERT INTO writeback (entry_id, headers, acknowledged_at)"
-                        " VALUES (?, ?, ?)",
-                        (entry_id, json.dumps(upload_headers), row.accessed_at),
+                        "INSERT INTO writeback (entry_id, headers, acknowledged_at, parts)"
+                        " VALUES (?, ?, ?, ?)",
+                        (
+                            entry_id,
+                            json.dumps(upload_headers),
+                            row.accessed_at,
+                            None if parts is None else json.dumps(parts),
+                        ),
                     )
                     seq = cursor.lastrowid
         finally:
@@ -262,12 +275,22 @@ class Index:
         """Every journal row, oldest first."""
         rows = self._db.execute(
             "SELECT w.seq, w.entry_id, e.bucket, e.key, e.size, e.etag, w.headers,"
-            " w.acknowledged_at FROM writeback w JOIN entries e ON e.id = w.entry_id"
+            " w.acknowledged_at, w.parts FROM writeback w JOIN entries e ON e.id = w.entry_id"
             " ORDER BY w.seq"
         ).fetchall()
         return [
-            PendingRow(seq, entry_id, bucket, key, size, etag, _decode_headers(headers), acked)
-            for seq, entry_id, bucket, key, size, etag, headers, acked in rows
+            PendingRow(
+                seq,
+                entry_id,
+                bucket,
+                key,
+                size,
+                etag,
+                _decode_headers(headers),
+                acked,
+                None if parts is None else tuple((n, md5) for n, md5 in json.loads(parts)),
+            )
+            for seq, entry_id, bucket, key, size, etag, headers, acked, parts in rows
         ]
 
     def uploaded(
