@@ -16,11 +16,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import boto3
 import pytest
 from botocore.auth import S3SigV4Auth
 from botocore.awsrequest import AWSRequest
-from botocore.config import Config
 from botocore.credentials import Credentials
 from botocore.exceptions import ClientError
 
@@ -32,6 +30,7 @@ from s3cache.sandbox.proxy import S3CacheProcess
 from s3cache.sandbox.relay import Relay
 from s3cache.sandbox.seaweed import SeaweedS3
 from s3cache.server.auth import granted
+from tests.test_security import client
 
 READER = ("glob-reader", "glob-reader-secret-0123")  # read-only, BUCKET/public/*
 TEAM = ("glob-writer", "glob-writer-secret-0123")  # read-write, BUCKET/team/*
@@ -154,20 +153,6 @@ def test_grants_cover_each_touch() -> None:
 
 
 # -- through a running s3cache ---------------------------------------------------------
-
-
-def client(endpoint: str, key: tuple[str, str]) -> Any:
-    return boto3.session.Session(
-        aws_access_key_id=key[0], aws_secret_access_key=key[1], region_name="us-east-1"
-    ).client(
-        "s3",
-        endpoint_url=endpoint,
-        config=Config(
-            s3={"addressing_style": "path"},
-            retries={"total_max_attempts": 1},
-            signature_version="s3v4",
-        ),
-    )
 
 
 def denied(call: Any) -> bool:

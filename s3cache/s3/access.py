@@ -29,6 +29,7 @@ from urllib.parse import unquote
 
 from s3cache.errors import AccessDenied, InvalidArgument, MalformedXML
 from s3cache.s3.addressing import CLIENT_AUTH_PARAMS, S3Address
+from s3cache.s3.operations import LIST_PARAMS
 
 
 class Action(enum.Enum):
@@ -59,26 +60,6 @@ class Touch(NamedTuple):
 _BUCKET_PROBES = frozenset({"", "location"})
 # Parameters of a bucket GET that make it a listing of keys under ``prefix``.
 _LISTINGS = frozenset({"", "versions", "uploads"})
-# Query parameters of a bucket GET that name no sub-resource.
-_LIST_OPTIONS = frozenset(
-    {
-        "list-type",
-        "prefix",
-        "delimiter",
-        "marker",
-        "max-keys",
-        "continuation-token",
-        "start-after",
-        "encoding-type",
-        "fetch-owner",
-        "key-marker",
-        "version-id-marker",
-        "upload-id-marker",
-        "max-uploads",
-        "optional-object-attributes",
-        "x-id",
-    }
-)
 # The body of a DeleteObjects request names at most 1,000 keys.
 MAX_DELETE_KEYS = 1000
 
@@ -118,7 +99,7 @@ def _bucket_touches(method: str, address: S3Address, delete_body: bytes | None) 
     names = {name.lower() for name, _ in address.query}
     sub_resources = {
         name for name in names if not name.startswith("x-amz-")
-    } - _LIST_OPTIONS - CLIENT_AUTH_PARAMS
+    } - LIST_PARAMS - CLIENT_AUTH_PARAMS
     if method in ("GET", "HEAD") and sub_resources <= _BUCKET_PROBES and (
         method == "HEAD" or "location" in sub_resources
     ):

@@ -7,8 +7,10 @@ from collections.abc import Mapping
 
 from s3cache.s3.addressing import CLIENT_AUTH_PARAMS, S3Address
 
-# Query parameters of ListObjects (v1 and v2) on a bucket.
-_LIST_PARAMS = frozenset(
+# Query parameters of the listings of a bucket (ListObjects v1 and v2, and with
+# ?versions or ?uploads, ListObjectVersions and ListMultipartUploads) that name no
+# sub-resource of their own.
+LIST_PARAMS = frozenset(
     {
         "list-type",
         "prefix",
@@ -19,6 +21,11 @@ _LIST_PARAMS = frozenset(
         "start-after",
         "encoding-type",
         "fetch-owner",
+        "key-marker",
+        "version-id-marker",
+        "upload-id-marker",
+        "max-uploads",
+        "optional-object-attributes",
         "x-id",
     }
 )
@@ -76,7 +83,7 @@ def classify(method: str, address: S3Address, headers: Mapping[str, str]) -> Ope
 
 
 def _bucket_operation(method: str, params: set[str]) -> Operation:
-    if method == "GET" and params <= _LIST_PARAMS:
+    if method == "GET" and params <= LIST_PARAMS:
         return Operation.LIST
     if method == "POST" and "delete" in params:
         return Operation.DELETE
