@@ -166,6 +166,8 @@ S3_ERROR_STATUS = {
     "InvalidArgument": 400,
     "InvalidBucketName": 400,
     "InvalidDigest": 400,
+    "InvalidPart": 400,
+    "InvalidPartOrder": 400,
     "InvalidRange": 416,
     "InvalidRequest": 400,
     "InvalidToken": 400,
