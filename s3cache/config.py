@@ -205,6 +205,77 @@ def _write_rules(
 
 
 @dataclass(frozen=True, slots=True)
+class CacheRule:
+    """How the cache treats the objects under one bucket/prefix (README, "Cache
+    rules"). ``name`` labels the rule's metrics; TTLs stay in ``ttl_rules``."""
+
+    name: str
+    prefix: str  # "bucket/" or "bucket/some/prefix"
+    never: bool = False  # pass through, never cached
+    admit_after: int = 1  # cached from the Nth GET within ``admit_window``
+    admit_window: float = 3600.0
+    quota: int | None = None  # bytes the rule's entries may hold, at most
+
+
+DEFAULT_RULE = "default"  # the metrics label of objects that no rule matches
+_RULE_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+_RULE_FIELDS = frozenset({"name", "prefix", "never", "admit_after", "admit_window", "quota"})
+
+
+def _cache_rules(value: object) -> tuple[CacheRule, ...]:
+    """TOML: ``[[cache_rules]]`` tables with name, prefix and never, admit_after,
+    admit_window or quota. Every error names the rule, in one line."""
+    if not isinstance(value, list):
+        raise ValueError("cache_rules is a list of tables ([[cache_rules]] in TOML)")
+    rules: list[CacheRule] = []
+    for number, item in enumerate(value, 1):
+        if not isinstance(item, Mapping):
+            raise ValueError(f"rule {number} is not a table")
+        rules.append(_cache_rule(item, f"rule {number} ({item.get('name', 'no name')!s})"))
+    for kind in ("name", "prefix"):
+        seen = [getattr(rule, kind) for rule in rules]
+        twice = sorted({one for one in seen if seen.count(one) > 1})
+        if twice:
+            raise ValueError(f"two rules with the same {kind}: {twice[0]}")
+    return tuple(rules)
+
+
+def _cache_rule(item: Mapping[str, Any], where: str) -> CacheRule:
+    if "ttl" in item:
+        raise ValueError(
+            f"{where}: ttl is not a cache rule field; write it in ttl_rules "
+            '(ttl_rules = ["BUCKET/PREFIX=DURATION"])'
+        )
+    unknown = set(item) - _RULE_FIELDS
+    if unknown:
+        raise ValueError(f"{where}: unknown field {sorted(unknown)[0]}")
+    name, prefix = str(item.get("name", "")), str(item.get("prefix", ""))
+    if not _RULE_NAME.match(name) or name == DEFAULT_RULE:
+        raise ValueError(f"{where}: name must be 1-64 of A-Z a-z 0-9 _ . - and not 'default'")
+    prefix = prefix.strip().removeprefix("s3://")
+    if not prefix or prefix.startswith("/"):
+        raise ValueError(f"{where}: prefix must be BUCKET or BUCKET/PREFIX")
+    if "/" not in prefix:
+        prefix += "/"
+    field_name = "never"
+    try:
+        never = parse_bool(item.get("never", False))
+        field_name = "admit_after"
+        admit_after = _positive_int(item.get("admit_after", 1))
+        field_name = "admit_window"
+        window = parse_duration(item.get("admit_window", "1h"))
+        field_name = "quota"
+        quota = parse_size(item["quota"]) if "quota" in item else None
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"{where}: {field_name}: {exc}") from exc
+    if never and (admit_after > 1 or quota is not None):
+        raise ValueError(f"{where}: never does not combine with admit_after or quota")
+    if window <= 0:
+        raise ValueError(f"{where}: admit_window must be above 0")
+    return CacheRule(name, prefix, never, admit_after, window, quota)
+
+
+@dataclass(frozen=True, slots=True)
 class ClientKey:
     """A key clients sign with, and what it may reach. ``repr`` hides the secret."""
 
@@ -362,6 +433,18 @@ class Settings:
     writeback_retry_max: float = _setting(
         30.0, parse_duration, "longest wait between two attempts of a failing write-back upload"
     )
+    cache_rules: tuple[CacheRule, ...] = _setting(
+        (),
+        _cache_rules,
+        "per bucket/prefix admission and quota ([[cache_rules]] tables: name, prefix, "
+        "never, admit_after, admit_window, quota); the longest matching prefix wins",
+        toml_only=True,
+    )
+    eviction_policy: str = _setting(
+        "s3fifo",
+        parse_choice("s3fifo", "lru"),
+        "which entries eviction removes: s3fifo (scan-resistant) or lru",
+    )
     list_cache_ttl: float = _setting(
         10.0,
         parse_duration,
@@ -485,6 +568,17 @@ class Settings:
         if self.workers > 1 and (self.peers or self.peers_dns):
             raise ConfigError("workers: several workers per node do not combine with peers yet")
 
+    def rule_for(self, bucket: str, key: str) -> CacheRule | None:
+        """The cache rule of bucket/key: the longest matching prefix (None: no rule)."""
+        path = f"{bucket}/{key}"
+        best: CacheRule | None = None
+        for rule in self.cache_rules:
+            if path.startswith(rule.prefix) and (
+                best is None or len(rule.prefix) > len(best.prefix)
+            ):
+                best = rule
+        return best
+
     def ttl_for(self, bucket: str, key: str) -> float:
         """Seconds an entry of bucket/key stays fresh (``math.inf``: immutable)."""
         path = f"{bucket}/{key}"
@@ -512,6 +606,7 @@ class Settings:
 RELOADABLE = (
     "cache_ttl",
     "ttl_rules",
+    "cache_rules",
     "access_log",
     "log_level",
     "client_keys",

@@ -176,6 +176,30 @@ CORRUPT_BLOCKS = Counter(
 SCRUBBED_BYTES = Counter("s3cache_scrubbed_bytes_total", "Bytes checked by the scrubber")
 CACHE_EVICTIONS = Counter("s3cache_cache_evictions_total", "Entries evicted")
 CACHE_EVICTED_BYTES = Counter("s3cache_cache_evicted_bytes_total", "Bytes evicted")
+# Per cache rule (README, "Cache rules"): the label is a rule's configured name, or
+# "default" for objects no rule matches; never a bucket or key.
+RULE_READS = Counter(
+    "s3cache_rule_reads_total",
+    "Cacheable GET/HEAD requests by cache rule and outcome",
+    ["rule", "outcome"],
+)
+RULE_SERVED_BYTES = Counter(
+    "s3cache_rule_served_bytes_total",
+    "Object body bytes sent to clients, by cache rule and source",
+    ["rule", "source"],
+)
+RULE_EVICTIONS = Counter(
+    "s3cache_rule_evictions_total", "Entries evicted, by cache rule", ["rule"]
+)
+RULE_EVICTED_BYTES = Counter(
+    "s3cache_rule_evicted_bytes_total", "Bytes evicted, by cache rule", ["rule"]
+)
+RULE_USED = Gauge(
+    "s3cache_rule_used_bytes",
+    "Bytes of blocks held in the cache, by cache rule",
+    ["rule"],
+    multiprocess_mode=_LIVE_SUM,
+)
 FILLS_IN_FLIGHT = Gauge(
     "s3cache_fills_in_flight", "Block fetches in flight", multiprocess_mode=_LIVE_SUM
 )

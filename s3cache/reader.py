@@ -18,12 +18,14 @@ from functools import lru_cache
 
 from aiohttp import web
 
-from s3cache.config import LiveSettings
+from s3cache.config import DEFAULT_RULE, CacheRule, LiveSettings
 from s3cache.errors import InvalidRange, PreconditionFailed, ServiceUnavailable
 from s3cache.fill import BrokenAnswer, CacheFull, Demand, FetchFailed, Filler, VersionChanged
 from s3cache.forward import abort, forward, relay_response
 from s3cache.metrics import (
     CACHE_READS,
+    RULE_READS,
+    RULE_SERVED_BYTES,
     SERVED_BYTES,
     ByteSource,
     CacheOutcome,
@@ -31,6 +33,7 @@ from s3cache.metrics import (
     labelled,
 )
 from s3cache.prefetch import Prefetcher
+from s3cache.rules import Admission
 from s3cache.s3.addressing import S3Address
 from s3cache.s3.conditions import Precondition, evaluate, parse_http_date
 from s3cache.s3.objectmeta import (
@@ -50,6 +53,8 @@ log = logging.getLogger(__name__)
 
 # How the reader answered a request: read by the server's metrics and access log.
 OUTCOME = web.RequestKey("outcome", CacheOutcome)
+# The name of the cache rule of the object read (its metrics label).
+RULE = web.RequestKey("rule", str)
 
 # Query parameters of a plain GetObject/HeadObject: anything else is another operation
 # (?tagging, ?acl, ?attributes…) or a read the cache cannot answer (?versionId,
@@ -77,6 +82,7 @@ class Reader:
         self._store = store
         self._filler = filler
         self._upstream = upstream
+        self._admission = Admission()
         # Told of every read answered from an entry, before its body goes out (the
         # worker hub: secondaries may serve the entry from then on).
         self.on_read: Callable[[web.Request, Entry], None] | None = None
@@ -96,6 +102,42 @@ class Reader:
         )
 
     async def read(self, request: web.Request, address: S3Address) -> web.StreamResponse:
+        assert address.bucket is not None and address.key is not None
+        rule = self._settings.current.rule_for(address.bucket, address.key)
+        request[RULE] = DEFAULT_RULE if rule is None else rule.name
+        try:
+            if rule is not None and not await self._admitted(request, rule, address):
+                response = await self._bypass(request, address)
+                if request.method == "GET" and response.status < 300:
+                    labelled(RULE_SERVED_BYTES, request[RULE], ByteSource.UPSTREAM.value).inc(
+                        response.content_length or 0
+                    )
+                return response
+            return await self._read(request, address)
+        finally:
+            outcome = request.get(OUTCOME)
+            if outcome is not None:
+                labelled(RULE_READS, request[RULE], outcome.value).inc()
+
+    async def _admitted(self, request: web.Request, rule: CacheRule, address: S3Address) -> bool:
+        """Is the object to be read through the cache? Not under a ``never`` rule; under
+        ``admit_after = N``, once cached or from its Nth GET within the window (a HEAD
+        of an object not cached yet neither counts nor caches)."""
+        assert address.bucket is not None and address.key is not None
+        if rule.never:
+            return False
+        if rule.admit_after <= 1:
+            return True
+        entry = self._store.peek(address.bucket, address.key)
+        if entry is not None and not entry.dropped:
+            return True
+        if await self._store.lookup(address.bucket, address.key) is not None:
+            return True
+        return request.method == "GET" and self._admission.admit(
+            rule, address.bucket, address.key
+        )
+
+    async def _read(self, request: web.Request, address: S3Address) -> web.StreamResponse:
         assert address.bucket is not None and address.key is not None
         demand = Demand()
         for _ in range(FETCH_ATTEMPTS):
@@ -185,6 +227,11 @@ class Reader:
                 return response
             labelled(SERVED_BYTES, ByteSource.CACHE.value).inc(from_cache)
             labelled(SERVED_BYTES, ByteSource.UPSTREAM.value).inc(span.length - from_cache)
+            rule = request.get(RULE, DEFAULT_RULE)
+            labelled(RULE_SERVED_BYTES, rule, ByteSource.CACHE.value).inc(from_cache)
+            labelled(RULE_SERVED_BYTES, rule, ByteSource.UPSTREAM.value).inc(
+                span.length - from_cache
+            )
         count_read(request, outcome)
         return response
 

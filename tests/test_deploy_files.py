@@ -374,6 +374,11 @@ METRIC_LABELS: dict[str, frozenset[str]] = {
     "s3cache_writeback_oldest_pending_seconds": frozenset(),
     "s3cache_writeback_uploads_total": frozenset(),
     "s3cache_writeback_upload_failures_total": frozenset(),
+    "s3cache_rule_reads_total": frozenset({"rule", "outcome"}),
+    "s3cache_rule_served_bytes_total": frozenset({"rule", "source"}),
+    "s3cache_rule_evictions_total": frozenset({"rule"}),
+    "s3cache_rule_evicted_bytes_total": frozenset({"rule"}),
+    "s3cache_rule_used_bytes": frozenset({"rule"}),
     "up": frozenset(),  # Prometheus' own, per target
 }
 HISTOGRAMS = frozenset(
@@ -608,7 +613,16 @@ def test_prometheus_rules_use_only_known_metrics_and_labels() -> None:
 
 # --- Grafana dashboard ---------------------------------------------------------------
 
-ROWS = ["Overview", "Latency", "Upstream", "Cache", "Prefetch", "Requests", "Write-back"]
+ROWS = [
+    "Overview",
+    "Latency",
+    "Upstream",
+    "Cache",
+    "Prefetch",
+    "Requests",
+    "Write-back",
+    "Cache rules",
+]
 # What Grafana puts in for its built-in variables, for checking the queries.
 GRAFANA_BUILTINS = {"__rate_interval": "5m", "__interval": "1m", "__range": "1h"}
 

@@ -76,7 +76,7 @@ async def _components(app: web.Application) -> AsyncIterator[None]:
     settings = live.current
     upstream = Upstream(settings)
     await upstream.start()
-    store = CacheStore(settings)
+    store = CacheStore(settings, live=live)
     await store.open()
     filler = Filler(settings, store, upstream)
     prefetcher = Prefetcher(settings, store, filler, upstream)

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from s3cache.config import Settings
+from s3cache.config import DEFAULT_RULE, CacheRule, LiveSettings, Settings
 from s3cache.metrics import (
     CACHE_CAPACITY,
     CACHE_DEGRADED,
@@ -53,13 +53,16 @@ from s3cache.metrics import (
     CACHE_WRITE_ERRORS,
     CORRUPT_BLOCKS,
     PREFETCH_WASTED_BYTES,
+    RULE_EVICTED_BYTES,
+    RULE_EVICTIONS,
+    RULE_USED,
     SCRUBBED_BYTES,
     DegradedReason,
     labelled,
 )
-from s3cache.store import files
+from s3cache.store import files, policy
 from s3cache.store.entry import Entry, ObjectMeta
-from s3cache.store.index import EntryRow, Index, PendingRow
+from s3cache.store.index import MAIN, SMALL, EntryRow, Index, PendingRow
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +71,7 @@ T = TypeVar("T")
 INDEX_FILE = "index.sqlite3"
 ACCESS_FLUSH_SECONDS = 2.0
 EVICTION_BATCH = 256
+S3FIFO_HEADS = 128  # entries of a queue's head looked at per eviction round
 ORPHAN_BATCH = 500
 SCRUB_PAUSE_SECONDS = 60.0  # after a full pass
 DISK_CHECK_SECONDS = 2.0  # free space and degraded dirs are looked at this often
@@ -127,7 +131,16 @@ class VerifyReport:
 
 
 class CacheStore:
-    def __init__(self, settings: Settings, *, view_size: int = 4096) -> None:
+    def __init__(
+        self, settings: Settings, *, view_size: int = 4096, live: LiveSettings | None = None
+    ) -> None:
+        # The settings in force (SIGHUP may change the cache rules).
+        self._now: Callable[[], Settings] = (lambda: live.current) if live else lambda: settings
+        self._policy = settings.eviction_policy
+        self._hits: dict[int, int] = {}  # reads since the last flush, by entry id (S3-FIFO)
+        self._ghost = policy.Ghost()
+        self.rule_used: dict[str, int] = {}  # bytes held, by cache rule name
+        self._rules_counted: tuple[CacheRule, ...] | None = None
         self._dirs = settings.cache_dirs
         self._configured = settings.cache_size
         self._high_fraction = settings.cache_high_watermark
@@ -173,6 +186,7 @@ class CacheStore:
             return index, index.used_bytes(), index.entry_count()
 
         self._index, self.used, self.entries = await self._in_index_thread(open_index)
+        await self._count_rules()
         CACHE_USED.set_function(lambda: self.used)
         CACHE_ENTRIES.set_function(lambda: self.entries)
         self._publish_faults()
@@ -267,6 +281,12 @@ class CacheStore:
         fault = self.faults.get(directory)
         if fault is not None:
             raise CacheWriteError(fault.message)
+        rule = self._rule(bucket, key)
+        if rule is not None and rule.quota is not None and (
+            meta.size > rule.quota or not await self._room_in_rule(rule, meta.size)
+        ):
+            raise CacheWriteError(f"cache rule {rule.name}: its quota is full of pinned data")
+        queue = MAIN if self._policy == "s3fifo" and self._ghost.take(bucket, key) else SMALL
         name = files.file_name(bucket, key, meta.etag, secrets.token_hex(8))
         row = EntryRow(
             id=0,
@@ -284,9 +304,10 @@ class CacheStore:
             accessed_at=now,
             blocks={},
         )
-        entry_id = await self._index_write(self.index.insert, row)
+        entry_id = await self._index_write(self.index.insert, row, queue)
         self.entries += 1
         entry = self._entry_from_row(row, entry_id=entry_id)
+        entry.fresh = True  # the read that creates it is not a read again (S3-FIFO)
         try:
             entry.fd, entry.stamp = await _run(files.recreate_sparse, entry.path, meta.size)
         except OSError as exc:
@@ -347,7 +368,7 @@ class CacheStore:
             self.index.insert_whole, row, upload_headers, parts
         )
         self.entries += 1
-        self.used += meta.size
+        self._account(bucket, key, meta.size)
         if seq is not None:
             self.keep.add(entry_id)
             self.keep_keys[(bucket, key)] = entry_id
@@ -394,7 +415,7 @@ class CacheStore:
         if self._view.get((entry.bucket, entry.key)) is entry:
             del self._view[(entry.bucket, entry.key)]
         self._accessed.pop(entry.id, None)
-        self.used -= sum(entry.block_length(block) for block in entry.blocks)
+        self._account(entry.bucket, entry.key, -sum(map(entry.block_length, entry.blocks)))
         self.entries -= 1
         try:
             await self._in_index_thread(self.index.delete, [entry.id])
@@ -456,6 +477,10 @@ class CacheStore:
     def touch(self, entry: Entry) -> None:
         entry.accessed_at = time.time()
         self._accessed[entry.id] = entry.accessed_at
+        if entry.fresh:
+            entry.fresh = False
+        else:
+            self._hits[entry.id] = self._hits.get(entry.id, 0) + 1
 
     async def mark_validated(self, entry: Entry) -> None:
         entry.validated_at = time.time()
@@ -517,7 +542,7 @@ class CacheStore:
         entry.verified.clear()
         cleared = await self._in_index_thread(self.index.clear_blocks, entry.id)
         if not entry.dropped:
-            self.used -= cleared
+            self._account(entry.bucket, entry.key, -cleared)
 
     def suspect(self, entry: Entry) -> None:
         """The entry's file did not read as expected (it ended early): hash every block
@@ -674,13 +699,22 @@ class CacheStore:
         read the block, but the index and the usage no longer count it."""
         nbytes = entry.block_length(block)
         if not entry.dropped:
+            rule = self._rule(entry.bucket, entry.key)
+            if (
+                rule is not None
+                and rule.quota is not None
+                and not await self._room_in_rule(rule, nbytes)
+            ):
+                return  # served, not kept: the rule's quota is full of pinned data
+            # Counted before the index hop: a parallel fill of the rule sees it.
+            self._account(entry.bucket, entry.key, nbytes)
             recorded = await self._in_index_thread(
                 self.index.add_block, entry.id, block, nbytes, xxh3
             )
-            if recorded and not entry.dropped:
-                self.used += nbytes
-            elif not entry.dropped:
-                return
+            if not recorded or entry.dropped:
+                self._account(entry.bucket, entry.key, -nbytes)
+                if not entry.dropped:
+                    return
         entry.blocks[block] = xxh3
         entry.verified.add(block)
 
@@ -779,7 +813,7 @@ class CacheStore:
             block,
         )
         if not entry.dropped:
-            self.used -= entry.block_length(block)
+            self._account(entry.bucket, entry.key, -entry.block_length(block))
             await self._in_index_thread(
                 self.index.remove_block, entry.id, block, entry.block_length(block)
             )
@@ -788,14 +822,17 @@ class CacheStore:
 
     async def _flush_access_times(self) -> None:
         if self._accessed and self._index is not None:
-            batch = [(accessed, entry_id) for entry_id, accessed in self._accessed.items()]
-            self._accessed = {}
+            hits = self._hits
+            batch = [(at, hits.get(number, 0), number) for number, at in self._accessed.items()]
+            self._accessed, self._hits = {}, {}
             await self._in_index_thread(self.index.touch, batch)
 
     async def _flush_access_times_forever(self) -> None:
         while True:
             await asyncio.sleep(ACCESS_FLUSH_SECONDS)
             try:
+                if self._now().cache_rules != self._rules_counted:
+                    await self._count_rules()  # SIGHUP changed them
                 await self._flush_access_times()
             except sqlite3.Error as exc:  # a full disk: this batch of times is lost (LRU hints)
                 self._index_failed(exc)
@@ -815,6 +852,9 @@ class CacheStore:
         if self.used + self.reserved <= only_above:
             return
         await self._flush_access_times()
+        if self._policy == "s3fifo":
+            await self._evict_s3fifo(target)
+            return
         skipped: set[int] = set()
         while self.used + self.reserved > target:
             coldest = await self._in_index_thread(
@@ -834,10 +874,17 @@ class CacheStore:
                 ):
                     skipped.add(entry_id)
                     continue
-                await self._evict_row(entry, entry_id, _dir, _file, present)
+                await self._evict_row(entry, entry_id, bucket, key, _dir, _file, present)
 
     async def _evict_row(
-        self, entry: Entry | None, entry_id: int, directory: int, name: str, present: int
+        self,
+        entry: Entry | None,
+        entry_id: int,
+        bucket: str,
+        key: str,
+        directory: int,
+        name: str,
+        present: int,
     ) -> None:
         if entry is not None:
             await self.drop(entry)
@@ -847,14 +894,136 @@ class CacheStore:
             self._evicting.add(entry_id)
             self._gone(entry_id)
             try:
-                await self._in_index_thread(self.index.delete, [entry_id])
-                self.used -= present
+                if not await self._in_index_thread(self.index.delete_entry, entry_id):
+                    return  # evicted meanwhile (a quota and the watermark at once)
+                self._account(bucket, key, -present)
                 self.entries -= 1
                 await _run(files.remove_any, files.file_path(self._dirs[directory], name))
             finally:
                 self._evicting.discard(entry_id)
         CACHE_EVICTIONS.inc()
         CACHE_EVICTED_BYTES.inc(present)
+        rule = self._rule_name(bucket, key)
+        labelled(RULE_EVICTIONS, rule).inc()
+        labelled(RULE_EVICTED_BYTES, rule).inc(present)
+
+    async def _evict_s3fifo(self, target: int) -> None:
+        """S3-FIFO (``store.policy``) until usage is at most ``target``: the heads of the
+        queues, a batch at a time, are promoted, reinserted or evicted (epoch manifests
+        have their say, see ``policy.sort_heads``). Pinned and kept (write-back) entries
+        are never evicted: they go to the tail of the main FIFO."""
+        share = int(self._capacity * policy.SMALL_SHARE)
+        small = await self._in_index_thread(self.index.queue_bytes, SMALL)
+        while self.used + self.reserved > target:
+            sorting = await self._s3fifo_sort(small > share)
+            if sorting.needed == len(sorting.victims) and sorting.needed and not sorting.moves:
+                # Only entries a manifest needs at the main FIFO's head: what the small
+                # one holds that nobody needs goes first, whatever its share.
+                unneeded = await self._s3fifo_sort(True)
+                if len(unneeded.victims) > unneeded.needed or unneeded.moves:
+                    sorting = unneeded
+            small -= sorting.promoted
+            now = time.time()
+            moves, evicted = list(sorting.moves), 0
+            for c in sorting.victims:
+                if self.used + self.reserved <= target:
+                    break  # the rest stay where they are
+                entry = self._view.get((c.bucket, c.key))
+                if c.id in self.keep or (entry is not None and (entry.pins or entry.id != c.id)):
+                    moves.append((MAIN, c.freq, now, c.id))  # in use: kept
+                    continue
+                if c.queue == SMALL:
+                    self._ghost.add(c.bucket, c.key, self.entries)
+                    small -= c.present
+                await self._evict_row(entry, c.id, c.bucket, c.key, c.dir, c.file, c.present)
+                evicted += 1
+            if moves:
+                await self._in_index_thread(self.index.requeue, moves)
+            if not evicted and not sorting.moves:
+                return  # nothing at the heads can go now (pinned, kept, or none)
+
+    async def _s3fifo_sort(self, from_small: bool) -> policy.Sorting:
+        queue, rows = await self._in_index_thread(self._s3fifo_heads, from_small)
+        heads = [policy.Candidate(*row, queue) for row in rows]
+        ranks = [self.eviction_rank(head.bucket, head.key) for head in heads]
+        return policy.sort_heads(heads, ranks, time.time())
+
+    def _s3fifo_heads(
+        self, from_small: bool
+    ) -> tuple[int, list[tuple[int, str, str, int, str, int, int]]]:
+        """(Index thread.) The heads of the small FIFO if it holds more than its share
+        (or the main one is empty), else of the main one (or the small one if empty)."""
+        first, second = (SMALL, MAIN) if from_small else (MAIN, SMALL)
+        rows = self.index.oldest_in_queue(first, S3FIFO_HEADS)
+        if rows:
+            return first, rows
+        return second, self.index.oldest_in_queue(second, S3FIFO_HEADS)
+
+    # --- cache rules -------------------------------------------------------------
+
+    def _rule(self, bucket: str, key: str) -> CacheRule | None:
+        return self._now().rule_for(bucket, key)
+
+    def _rule_name(self, bucket: str, key: str) -> str:
+        rule = self._rule(bucket, key)
+        return DEFAULT_RULE if rule is None else rule.name
+
+    def _account(self, bucket: str, key: str, delta: int) -> None:
+        """Usage of the cache, and of the rule of bucket/key, changes by ``delta``."""
+        self.used += delta
+        name = self._rule_name(bucket, key)
+        used = self.rule_used[name] = self.rule_used.get(name, 0) + delta
+        labelled(RULE_USED, name).set(used)
+
+    async def _count_rules(self) -> None:
+        """Bytes held by each cache rule, from the index: at start-up, and when SIGHUP
+        changed the rules (one range sum of the (bucket, key) index per rule)."""
+        rules = self._rules_counted = self._now().cache_rules
+
+        def count() -> dict[str, int]:
+            sums = {}
+            for rule in rules:
+                bucket, _, prefix = rule.prefix.partition("/")
+                sums[rule.prefix] = self.index.prefix_bytes(bucket, prefix)
+            return sums
+
+        sums = await self._in_index_thread(count)
+        for name in self.rule_used:
+            labelled(RULE_USED, name).set(0)
+        self.rule_used = policy.rule_usage(rules, self.used, sums)
+        for name, used in self.rule_used.items():
+            labelled(RULE_USED, name).set(used)
+
+    async def _room_in_rule(self, rule: CacheRule, nbytes: int) -> bool:
+        """Evict entries of ``rule`` (its own first, in the policy's order; never pinned
+        or kept ones) until ``nbytes`` more fit in its quota. False if they cannot."""
+        assert rule.quota is not None
+        target = rule.quota - nbytes
+        if self.rule_used.get(rule.name, 0) <= target:
+            return True
+        bucket, _, prefix = rule.prefix.partition("/")
+        order = policy.QUOTA_ORDER[self._policy]
+        skipped: set[int] = set()
+        while self.rule_used.get(rule.name, 0) > target:
+            rows = await self._in_index_thread(
+                self.index.in_prefix, bucket, prefix, order, EVICTION_BATCH + len(skipped)
+            )
+            victims = [row for row in rows if row[0] not in skipped]
+            if not victims:
+                return False
+            for entry_id, row_bucket, key, directory, name, present in victims:
+                if self.rule_used.get(rule.name, 0) <= target:
+                    return True
+                entry = self._view.get((row_bucket, key))
+                if (
+                    entry_id in self.keep
+                    or self._rule_name(row_bucket, key) != rule.name
+                    or (entry is not None and (entry.pins or entry.id != entry_id))
+                ):
+                    skipped.add(entry_id)
+                    continue
+                await self._evict_row(entry, entry_id, row_bucket, key, directory, name, present)
+        return True
 
     async def _scrub_forever(self) -> None:
         """Re-check every block's hash in the background, at most ``scrub_rate`` bytes
@@ -970,7 +1139,7 @@ class CacheStore:
         self._gone(row.id)
         try:
             await self._in_index_thread(self.index.delete, [row.id])
-            self.used -= current.present_bytes
+            self._account(row.bucket, row.key, -current.present_bytes)
             self.entries -= 1
             await _run(files.remove_any, files.file_path(self._dirs[row.dir], row.file))
         finally:
@@ -996,7 +1165,7 @@ class CacheStore:
             if await self._in_index_thread(self.index.remove_block, row.id, block, length):
                 CORRUPT_BLOCKS.inc()
                 log.error("s3://%s/%s block %d is damaged: dropped", row.bucket, row.key, block)
-                self.used -= length
+                self._account(row.bucket, row.key, -length)
 
     async def _sweep_orphans(self) -> None:
         """Remove block files that no index row claims (left by a crash), a batch at a

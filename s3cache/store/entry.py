@@ -49,6 +49,7 @@ class Entry:
         "prefetched",
         "next_offset",
         "window",
+        "fresh",
     )
 
     def __init__(
@@ -93,6 +94,9 @@ class Entry:
         # and the read-ahead window (blocks) it has earned.
         self.next_offset = -1
         self.window = 0
+        # Created and not read yet by this process: the read that created it is not
+        # counted as a read again (``store.policy``).
+        self.fresh = False
 
     @property
     def size(self) -> int:

@@ -41,6 +41,9 @@ CREATE TABLE IF NOT EXISTS entries (
     present_bytes INTEGER NOT NULL DEFAULT 0,
     validated_at REAL NOT NULL,
     accessed_at REAL NOT NULL,
+    queue INTEGER NOT NULL DEFAULT 0,  -- S3-FIFO (store.policy): SMALL or MAIN
+    freq INTEGER NOT NULL DEFAULT 0,  -- reads since it entered its queue, at most 3
+    queued_at REAL NOT NULL DEFAULT 0,  -- when it entered its queue (FIFO order)
     UNIQUE (bucket, key)
 );
 CREATE INDEX IF NOT EXISTS entries_by_access ON entries (accessed_at);
@@ -60,6 +63,17 @@ CREATE TABLE IF NOT EXISTS writeback (
 );
 CREATE INDEX IF NOT EXISTS writeback_by_entry ON writeback (entry_id);
 """
+# Columns added since the first schema: (name, declaration) for ALTER TABLE.
+_ADDED_COLUMNS = (
+    ("queue", "INTEGER NOT NULL DEFAULT 0"),
+    ("freq", "INTEGER NOT NULL DEFAULT 0"),
+    ("queued_at", "REAL NOT NULL DEFAULT 0"),
+)
+_AFTER_COLUMNS = "CREATE INDEX IF NOT EXISTS entries_by_queue ON entries (queue, queued_at);"
+_EVICTION_COLUMNS = "id, bucket, key, dir, file, present_bytes"
+
+# S3-FIFO queues (store.policy).
+SMALL, MAIN = 0, 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +128,11 @@ class Index:
         journal = {row[1] for row in self._db.execute("PRAGMA table_info(writeback)")}
         if "parts" not in journal:  # a journal written before multipart write-back
             self._db.execute("ALTER TABLE writeback ADD COLUMN parts TEXT")
+        have = {row[1] for row in self._db.execute("PRAGMA table_info(entries)")}
+        for name, declaration in _ADDED_COLUMNS:
+            if name not in have:  # an index written by an older s3cache
+                self._db.execute(f"ALTER TABLE entries ADD COLUMN {name} {declaration}")
+        self._db.executescript(_AFTER_COLUMNS)
 
     def close(self) -> None:
         self._db.close()
@@ -182,7 +201,7 @@ class Index:
         ).fetchall()
         return [self._row(row) for row in rows]
 
-    def insert(self, row: EntryRow) -> int:
+    def insert(self, row: EntryRow, queue: int = SMALL) -> int:
         """Insert a new entry (replacing any row of the same key) and return its id."""
         with self._transaction():
             self._db.execute(
@@ -190,8 +209,8 @@ class Index:
             )
             cursor = self._db.execute(
                 "INSERT INTO entries (bucket, key, etag, size, last_modified, headers, dir, file,"
-                " block_size, present_bytes, validated_at, accessed_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?)",
+                " block_size, present_bytes, validated_at, accessed_at, queue, queued_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?, ?, ?)",
                 (
                     row.bucket,
                     row.key,
@@ -203,6 +222,8 @@ class Index:
                     row.file,
                     row.block_size,
                     row.validated_at,
+                    row.accessed_at,
+                    queue,
                     row.accessed_at,
                 ),
             )
@@ -361,10 +382,20 @@ class Index:
         with self._transaction():
             self._db.executemany("DELETE FROM entries WHERE id = ?", [(i,) for i in entry_ids])
 
-    def touch(self, accessed: Iterable[tuple[float, int]]) -> None:
-        """Batched access-time updates: (accessed_at, entry id) pairs."""
+    def delete_entry(self, entry_id: int) -> bool:
+        """Delete one entry's rows; False if it was gone already."""
         with self._transaction():
-            self._db.executemany("UPDATE entries SET accessed_at = ? WHERE id = ?", accessed)
+            return bool(
+                self._db.execute("DELETE FROM entries WHERE id = ?", (entry_id,)).rowcount
+            )
+
+    def touch(self, accessed: Iterable[tuple[float, int, int]]) -> None:
+        """Batched access updates: (accessed_at, reads counted, entry id)."""
+        with self._transaction():
+            self._db.executemany(
+                "UPDATE entries SET accessed_at = ?, freq = MIN(3, freq + ?) WHERE id = ?",
+                accessed,
+            )
 
     def set_validated(self, entry_id: int, validated_at: float) -> None:
         with self._transaction():
@@ -380,6 +411,51 @@ class Index:
             (limit,),
         ).fetchall()
 
+    def oldest_in_queue(
+        self, queue: int, limit: int
+    ) -> list[tuple[int, str, str, int, str, int, int]]:
+        """(id, bucket, key, dir, file, present_bytes, freq) of a queue, oldest first."""
+        return self._db.execute(
+            f"SELECT {_EVICTION_COLUMNS}, freq FROM entries WHERE queue = ?"
+            " ORDER BY queued_at LIMIT ?",
+            (queue, limit),
+        ).fetchall()
+
+    def queue_bytes(self, queue: int) -> int:
+        (total,) = self._db.execute(
+            "SELECT COALESCE(SUM(present_bytes), 0) FROM entries WHERE queue = ?", (queue,)
+        ).fetchone()
+        return int(total)
+
+    def requeue(self, moves: Iterable[tuple[int, int, float | None, int]]) -> None:
+        """(queue, freq, queued_at or None to keep it, entry id): one commit."""
+        with self._transaction():
+            self._db.executemany(
+                "UPDATE entries SET queue = ?, freq = ?, queued_at = COALESCE(?, queued_at)"
+                " WHERE id = ?",
+                moves,
+            )
+
+    def prefix_bytes(self, bucket: str, prefix: str) -> int:
+        """Bytes present of the entries of bucket whose key starts with ``prefix``."""
+        where, args = _prefix_where(bucket, prefix)
+        (total,) = self._db.execute(
+            f"SELECT COALESCE(SUM(present_bytes), 0) FROM entries WHERE {where}", args
+        ).fetchone()
+        return int(total)
+
+    def in_prefix(
+        self, bucket: str, prefix: str, order: str, limit: int
+    ) -> list[tuple[int, str, str, int, str, int]]:
+        """(id, bucket, key, dir, file, present_bytes) under a prefix, in eviction
+        ``order`` (an ORDER BY clause of store.policy, never user input)."""
+        where, args = _prefix_where(bucket, prefix)
+        return self._db.execute(
+            f"SELECT {_EVICTION_COLUMNS} FROM entries WHERE {where} AND present_bytes > 0"
+            f" ORDER BY {order} LIMIT ?",
+            (*args, limit),
+        ).fetchall()
+
     def unknown_files(self, directory: int, names: list[str]) -> list[str]:
         """Those of ``names`` (files found in a cache dir) that no entry claims."""
         marks = ",".join("?" * len(names))
@@ -391,6 +467,15 @@ class Index:
             )
         }
         return [name for name in names if name not in known]
+
+
+def _prefix_where(bucket: str, prefix: str) -> tuple[str, tuple[str, ...]]:
+    """A WHERE clause for the keys of bucket under prefix, as a range of the
+    (bucket, key) index."""
+    if not prefix:
+        return "bucket = ?", (bucket,)
+    upper = prefix[:-1] + chr(ord(prefix[-1]) + 1)
+    return "bucket = ? AND key >= ? AND key < ?", (bucket, prefix, upper)
 
 
 def _decode_headers(text: str) -> tuple[tuple[str, str], ...]:
