@@ -55,6 +55,7 @@ from s3cache.errors import (
 from s3cache.forward import relay_response, response_headers, send_upstream, upstream_request
 from s3cache.metrics import UpstreamKind
 from s3cache.s3.addressing import S3Address
+from s3cache.store import files
 from s3cache.store.cache import CacheStore, CacheWriteError
 from s3cache.store.entry import ObjectMeta
 from s3cache.upstream import Upstream
@@ -171,7 +172,7 @@ class Multipart:
         request: web.Request,
     ) -> None:
         assert address.bucket is not None and address.key is not None
-        directory, _, _ = self._store.new_file(address.bucket, address.key)
+        directory = files.choose_dir(address.bucket, address.key, len(self._dirs))
         meta = promised_meta(request, "", 0, time.time(), ())
         self._uploads[upload_id] = _Upload(
             id=upload_id,

@@ -4,6 +4,7 @@ s3cache and a counting relay in front of a real SeaweedFS."""
 from __future__ import annotations
 
 import io
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -207,3 +208,63 @@ def test_multipart_upload_is_cached(
         assert stored["ETag"] == head["ETag"]  # promised (back), or the upstream's (through)
         assert stored["Body"].read() == body
         assert not cached.direct.list_multipart_uploads(Bucket=bucket).get("Uploads")
+
+
+def test_write_back_with_several_workers(tmp_path: Path, upstream: SeaweedS3, bucket: str) -> None:
+    import urllib.request
+
+    extra = ("--workers", "2", "--write-rule", f"{bucket}=back")
+    with running_cache(tmp_path, upstream, *extra) as cached:
+        cached.relay.fault = Fault(status=503, match_method="PUT")
+        bodies = {f"w/{n}": os.urandom(64 * 1024 + n) for n in range(6)}
+        for key, body in bodies.items():  # over connections that either worker accepts
+            cached.client.put_object(Bucket=bucket, Key=key, Body=body)
+        for key, body in bodies.items():
+            assert get(cached.client, bucket, key) == body
+        assert cached.stats()["writeback"]["pending_objects"] == 6
+        cached.relay.fault = None
+        flush = urllib.request.Request(
+            f"{cached.proxy.endpoint_url}/_s3cache/flush", data=b"", method="POST"
+        )
+        with urllib.request.urlopen(flush, timeout=60) as answer:
+            assert answer.status == 200
+        for key, body in bodies.items():
+            assert cached.direct.get_object(Bucket=bucket, Key=key)["Body"].read() == body
+
+
+def test_verify_during_an_upload_leaves_its_spool_alone(
+    tmp_path: Path, upstream: SeaweedS3, bucket: str
+) -> None:
+    import http.client
+    import time
+    import urllib.parse
+    import urllib.request
+
+    with running_cache(tmp_path, upstream, "--write-rule", f"{bucket}=back") as cached:
+        cached.relay.fault = Fault(status=503, match_method="PUT")
+        body = os.urandom(600 * 1024)
+        url = urllib.parse.urlsplit(
+            cached.client.generate_presigned_url(
+                "put_object", Params={"Bucket": bucket, "Key": "slow.bin"}
+            )
+        )
+        connection = http.client.HTTPConnection(url.hostname, url.port, timeout=30)
+        connection.putrequest("PUT", f"{url.path}?{url.query}", skip_accept_encoding=True)
+        connection.putheader("Content-Length", str(len(body)))
+        connection.endheaders()
+        connection.send(body[: len(body) // 2])
+        time.sleep(0.5)  # the first half is in the spool file
+        verify = urllib.request.Request(
+            f"{cached.proxy.endpoint_url}/_s3cache/verify", data=b"", method="POST"
+        )
+        with urllib.request.urlopen(verify, timeout=30) as answer:
+            assert json.load(answer)["orphan_files"] == 0
+        connection.send(body[len(body) // 2 :])
+        assert connection.getresponse().status == 200
+        connection.close()
+        cached.relay.reset()
+        assert get(cached.client, bucket, "slow.bin") == body
+        assert cached.relay.count("GET") == 0
+        cached.relay.fault = None
+        _wait_drained(cached)
+        assert cached.direct.get_object(Bucket=bucket, Key="slow.bin")["Body"].read() == body

@@ -99,7 +99,7 @@ async def forward_write(
     bucket = address.bucket
     writer = app[WRITER]
     if request[OPERATION] is Operation.PUT_OBJECT and address.key is not None:
-        mode = writer.mode(bucket, address.key)
+        mode = _write_mode(app, bucket, address.key)
         if mode != AROUND:
             key = address.key
 
@@ -111,7 +111,7 @@ async def forward_write(
     multipart = app[MULTIPART]
     if request[OPERATION] is Operation.MULTIPART and address.key is not None:
         key = address.key
-        mode = writer.mode(bucket, key)
+        mode = _write_mode(app, bucket, key)
         if multipart.handles(request, address) and (mode != AROUND or address.param("uploadId")):
 
             async def changed_by_upload() -> None:
@@ -139,6 +139,14 @@ async def forward_write(
                 status=response.status, headers=response_headers(response), body=result
             )
         return await relay_response(request, response)
+
+
+def _write_mode(app: web.Application, bucket: str, key: str) -> str:
+    """The key's write mode here. In a cluster, only the key's owner caches its writes
+    (the node its reads go to); another node writes around (and the owner forgets it)."""
+    if app[CLUSTER].owner(bucket, key) is not None:
+        return AROUND
+    return app[WRITER].mode(bucket, key)
 
 
 async def _invalidate(app: web.Application, bucket: str, keys: list[str]) -> None:

@@ -172,6 +172,7 @@ class CacheStore:
         self.keep: set[int] = set()
         self.keep_keys: dict[tuple[str, str], int] = {}
         self.pending_at_open: list[PendingRow] = []  # the journal as found at start-up
+        self.spooling: set[str] = set()  # files uploads are writing: not orphans yet
 
     # --- lifecycle ---------------------------------------------------------------
 
@@ -326,7 +327,12 @@ class CacheStore:
         if fault is not None:
             raise CacheWriteError(fault.message)
         name = files.file_name(bucket, key, "", secrets.token_hex(8))
+        self.spooling.add(name)  # until ``adopt`` or ``release_file``
         return directory, name, files.file_path(self._dirs[directory], name)
+
+    def release_file(self, name: str) -> None:
+        """A file from ``new_file`` that will not be adopted (removed by its writer)."""
+        self.spooling.discard(name)
 
     async def adopt(
         self,
@@ -364,9 +370,12 @@ class CacheStore:
             accessed_at=now,
             blocks=blocks,
         )
-        entry_id, seq = await self._index_write(
-            self.index.insert_whole, row, upload_headers, parts
-        )
+        try:
+            entry_id, seq = await self._index_write(
+                self.index.insert_whole, row, upload_headers, parts
+            )
+        finally:
+            self.spooling.discard(place[1])  # claimed by its row now, or to be removed
         self.entries += 1
         self._account(bucket, key, meta.size)
         if seq is not None:
@@ -1184,6 +1193,8 @@ class CacheStore:
                 batch = names[first : first + ORPHAN_BATCH]
                 unknown = await self._in_index_thread(self.index.unknown_files, number, batch)
                 for name in unknown:
+                    if name in self.spooling:
+                        continue  # an upload is writing it; its row comes after
                     path = files.file_path(directory, name)
                     if before is None or await _run(files.older_than, path, before):
                         await _run(files.remove_any, path)
