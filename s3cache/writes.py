@@ -61,7 +61,7 @@ from multidict import CIMultiDict
 from s3cache.config import Settings
 from s3cache.errors import BadDigest, ServiceUnavailable
 from s3cache.fill import Filler
-from s3cache.forward import relay_response, upstream_request
+from s3cache.forward import relay_response, response_headers, send_upstream, upstream_request
 from s3cache.listing import Listed
 from s3cache.metrics import (
     WRITEBACK_FAILURES,
@@ -174,15 +174,19 @@ class Spool:
     async def write(self, data: bytes) -> None:
         if self.failed or self._file is None:
             return
+        # The MD5 (400 MB/s on a core; hashlib releases the GIL) in a worker thread
+        # beside the write, so that uploads arriving together hash on several cores.
+        digest = asyncio.get_running_loop().run_in_executor(None, self._md5.update, data)
         try:
             await self._file.write(data)
         except OSError as exc:
             log.warning("write spool %s failed: %s (not cached)", self.path, exc)
             self.failed = True
+            await digest
             return
-        self._md5.update(data)
-        for digest in self.checks.values():
-            digest.update(data)
+        await digest
+        for check in self.checks.values():
+            check.update(data)
         view = memoryview(data)
         while view:
             room = self._block_size - self.size % self._block_size
@@ -536,6 +540,66 @@ class Writer:
             answer[name] = request.headers[name]
         return web.Response(status=200, headers=answer)
 
+    # --- CopyObject --------------------------------------------------------------
+
+    async def copy(
+        self,
+        request: web.Request,
+        address: S3Address,
+        source: tuple[str, str],
+        changed: Changed,
+    ) -> web.StreamResponse:
+        """A CopyObject, write-through (the upstream copies; in ``back`` mode too): if
+        the source is cached whole here, its bytes and block hashes become the new
+        object's entry, with the metadata of a HEAD of the copy."""
+        assert address.bucket is not None and address.key is not None
+        bucket, key = address.bucket, address.key
+        await self.settle(bucket, key)
+        self._count(THROUGH)
+        response = await send_upstream(request, address, self._upstream)
+        async with response:
+            if response.status != 200:
+                return await relay_response(request, response)
+            answer = await response.read()
+            headers = response_headers(response)
+        # A 200 can carry an error (CopyObject, "Response elements").
+        if b"<Error>" not in answer:
+            await changed()
+            etag = _xml_text(answer, "ETag")
+            if etag and not etag.startswith('"'):
+                etag = f'"{etag}"'  # (some servers leave the XML's ETag unquoted)
+            await self._keep_copy(bucket, key, source, etag)
+        return web.Response(status=200, headers=headers, body=answer)
+
+    async def _keep_copy(
+        self, bucket: str, key: str, source: tuple[str, str], etag: str | None
+    ) -> None:
+        entry = await self._store.lookup(*source)
+        if entry is None or entry.dropped or len(entry.blocks) != entry.block_count:
+            return
+        meta = await self._head(bucket, key, etag)
+        if meta is None or meta.size != entry.size:
+            return
+        try:
+            directory, name, path = self._store.new_file(bucket, key)
+        except CacheWriteError:
+            return
+        blocks = dict(entry.blocks)
+        self._store.pin(entry)  # its file stays open while it is copied
+        try:
+            fd = await self._store.fd(entry)
+            await asyncio.get_running_loop().run_in_executor(None, _copy_fd, fd, path, entry.size)
+            await self._filler.invalidate(bucket, key)
+            await self._store.adopt(bucket, key, meta, (directory, name), blocks)
+            return
+        except (OSError, CacheWriteError) as exc:
+            log.warning("not caching the copy s3://%s/%s: %s", bucket, key, exc)
+        finally:
+            self._store.unpin(entry)
+        with contextlib.suppress(OSError):
+            await aiofiles.os.remove(path)
+        self._store.release_file(name)
+
     # --- the uploader ------------------------------------------------------------
 
     def _add(self, pending: Pending) -> None:
@@ -886,6 +950,22 @@ async def _pieces(
             raise OSError(f"cache file ended {left} bytes early")
         left -= len(piece)
         yield piece
+
+
+def _copy_fd(source: int, target: Path, size: int) -> None:
+    """Copy ``size`` bytes of an open file into a new one (copy_file_range: in the
+    kernel, or a reflink where the file system has them)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    out = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        done = 0
+        while done < size:
+            copied = os.copy_file_range(source, out, size - done, done, done)
+            if copied == 0:
+                raise OSError(f"the source file ended at byte {done} of {size}")
+            done += copied
+    finally:
+        os.close(out)
 
 
 def _fsync(fd: int) -> None:

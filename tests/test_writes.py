@@ -268,3 +268,27 @@ def test_verify_during_an_upload_leaves_its_spool_alone(
         cached.relay.fault = None
         _wait_drained(cached)
         assert cached.direct.get_object(Bucket=bucket, Key="slow.bin")["Body"].read() == body
+
+
+def test_copy_waits_for_a_pending_source_and_is_cached(
+    tmp_path: Path, upstream: SeaweedS3, bucket: str
+) -> None:
+    import threading
+
+    rules = ("--write-rule", f"{bucket}/src/=back", "--write-rule", f"{bucket}/dst/=through")
+    with running_cache(tmp_path, upstream, *rules) as cached:
+        cached.relay.fault = Fault(status=503, match_method="PUT")
+        body = os.urandom(500 * 1024)
+        cached.client.put_object(Bucket=bucket, Key="src/a", Body=body)
+        threading.Timer(1.0, lambda: setattr(cached.relay, "fault", None)).start()
+        # Its source is not upstream yet: the copy goes after the source's upload.
+        copied = cached.client.copy_object(
+            Bucket=bucket, Key="dst/a", CopySource={"Bucket": bucket, "Key": "src/a"}
+        )
+        direct = cached.direct.head_object(Bucket=bucket, Key="dst/a")
+        assert copied["CopyObjectResult"]["ETag"].strip('"') == direct["ETag"].strip('"')
+        cached.relay.reset()
+        assert get(cached.client, bucket, "dst/a") == body
+        head = cached.client.head_object(Bucket=bucket, Key="dst/a")
+        assert head["ETag"] == direct["ETag"] and head["LastModified"] == direct["LastModified"]
+        assert cached.relay.count("GET") == 0

@@ -14,7 +14,7 @@ from s3cache.forward import (
 )
 from s3cache.metrics import SERVED_BYTES, ByteSource, CacheOutcome, labelled
 from s3cache.reader import OUTCOME, Reader
-from s3cache.s3.access import deleted_keys, keys_in
+from s3cache.s3.access import copy_source_of, deleted_keys, keys_in
 from s3cache.s3.addressing import S3Address, resolve
 from s3cache.s3.operations import Operation, classify
 from s3cache.server.admin import ADMIN_PREFIX, handle_admin
@@ -119,6 +119,21 @@ async def forward_write(
                 await _invalidate(app, bucket, [key])
 
             return await multipart.handle(request, address, mode, changed_by_upload)
+    copy_source = request.headers.get("x-amz-copy-source")
+    if copy_source is not None and address.key is not None and request.method == "PUT":
+        # The copy reads its source at the upstream: after the source's pending write.
+        source = copy_source_of(copy_source)
+        await writer.settle(*source)
+        if request[OPERATION] is Operation.COPY_OBJECT:
+            key = address.key
+            mode = _write_mode(app, bucket, key)
+            if mode != AROUND:
+
+                async def copied() -> None:
+                    app[LISTINGS].invalidate(bucket)
+                    await _invalidate(app, bucket, [key])
+
+                return await writer.copy(request, address, source, copied)
     # A quiet DeleteObjects answer names no key: take them from the request too.
     requested = deleted_keys(delete_body) if delete_body is not None else []
     # Any other write of a key with a write-back pending goes upstream after it.
