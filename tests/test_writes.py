@@ -74,6 +74,10 @@ def test_write_back_answers_before_the_upstream_has_it(
         assert answer["ETag"] == f'"{hashlib.md5(body).hexdigest()}"'
         queue = cached.stats()["writeback"]
         assert queue["pending_objects"] == 1 and queue["pending_bytes"] == len(body)
+        metrics = cached.metrics()
+        assert "s3cache_writeback_pending_objects 1.0" in metrics
+        assert f"s3cache_writeback_pending_bytes {float(len(body))}" in metrics
+        assert 's3cache_writes_total{mode="back"} 1.0' in metrics
         assert get(cached.client, bucket, "ckpt/b.bin") == body
         head = cached.client.head_object(Bucket=bucket, Key="ckpt/b.bin")
         assert head["ETag"] == answer["ETag"] and head["Metadata"] == {"step": "7"}
@@ -86,6 +90,10 @@ def test_write_back_answers_before_the_upstream_has_it(
         assert stored["Body"].read() == body
         assert stored["ETag"] == answer["ETag"] and stored["Metadata"] == {"step": "7"}
         assert cached.stats()["writeback"]["upload_failures"] >= 1
+        metrics = cached.metrics()
+        assert "s3cache_writeback_uploads_total 1.0" in metrics
+        assert "s3cache_writeback_pending_objects 0.0" in metrics
+        assert "s3cache_writeback_oldest_pending_seconds 0.0" in metrics
         cached.relay.reset()
         head = cached.client.head_object(Bucket=bucket, Key="ckpt/b.bin")
         assert head["LastModified"] == stored["LastModified"]
