@@ -204,31 +204,7 @@ class Index:
     def insert(self, row: EntryRow, queue: int = SMALL) -> int:
         """Insert a new entry (replacing any row of the same key) and return its id."""
         with self._transaction():
-            self._db.execute(
-                "DELETE FROM entries WHERE bucket = ? AND key = ?", (row.bucket, row.key)
-            )
-            cursor = self._db.execute(
-                "INSERT INTO entries (bucket, key, etag, size, last_modified, headers, dir, file,"
-                " block_size, present_bytes, validated_at, accessed_at, queue, queued_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?, ?, ?)",
-                (
-                    row.bucket,
-                    row.key,
-                    row.etag,
-                    row.size,
-                    row.last_modified,
-                    json.dumps(row.headers),
-                    row.dir,
-                    row.file,
-                    row.block_size,
-                    row.validated_at,
-                    row.accessed_at,
-                    queue,
-                    row.accessed_at,
-                ),
-            )
-        assert cursor.lastrowid is not None
-        return cursor.lastrowid
+            return self._insert(row, 0, queue)
 
     def insert_whole(
         self,
@@ -268,12 +244,14 @@ class Index:
                 self._db.execute("PRAGMA synchronous=NORMAL")
         return entry_id, seq
 
-    def _insert(self, row: EntryRow, present: int) -> int:
+    def _insert(self, row: EntryRow, present: int, queue: int = SMALL) -> int:
+        """The one INSERT of an entry row (any row of the key goes first); it enters
+        ``queue`` at its access time."""
         self._db.execute("DELETE FROM entries WHERE bucket = ? AND key = ?", (row.bucket, row.key))
         cursor = self._db.execute(
             "INSERT INTO entries (bucket, key, etag, size, last_modified, headers, dir, file,"
-            " block_size, present_bytes, validated_at, accessed_at)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " block_size, present_bytes, validated_at, accessed_at, queue, queued_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 row.bucket,
                 row.key,
@@ -286,6 +264,8 @@ class Index:
                 row.block_size,
                 present,
                 row.validated_at,
+                row.accessed_at,
+                queue,
                 row.accessed_at,
             ),
         )
