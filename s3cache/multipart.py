@@ -59,7 +59,7 @@ from s3cache.store import files
 from s3cache.store.cache import CacheStore, CacheWriteError
 from s3cache.store.entry import ObjectMeta
 from s3cache.upstream import Upstream
-from s3cache.writes import BACK, Changed, Joiner, Writer, promised_meta, replayed
+from s3cache.writes import BACK, Changed, Joiner, Writer, promised_meta, replayed, xml_text
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +156,7 @@ class Multipart:
         async with response:
             body = await response.read()
             if response.status == 200:
-                created = _text(body, "UploadId")
+                created = xml_text(body, "UploadId")
                 if created:
                     self._new_upload(created, address, mode, headers, request)
             return web.Response(
@@ -339,7 +339,7 @@ class Multipart:
             status = response.status
         if status == 200 and b"<Error>" not in answer:
             await changed()
-            etag = _text(answer, "ETag")
+            etag = xml_text(answer, "ETag")
             with contextlib.suppress(InvalidPart, InvalidPartOrder, EntityTooSmall):
                 parts = [upload.parts[number] for number, _ in listed if number in upload.parts]
                 if len(parts) == len(listed) and etag:
@@ -435,17 +435,6 @@ def _listed_parts(body: bytes) -> list[tuple[int, str]]:
             raise MalformedXML("A Part has no valid PartNumber.")
         parts.append((int(number), fields.get("ETag", "")))
     return parts
-
-
-def _text(document: bytes, tag: str) -> str | None:
-    try:
-        root = ET.fromstring(document)
-    except ET.ParseError:
-        return None
-    for element in root.iter():
-        if element.tag.rsplit("}", 1)[-1] == tag:
-            return element.text
-    return None
 
 
 def _xml(root: str, fields: list[tuple[str, str]]) -> web.Response:

@@ -565,7 +565,7 @@ class Writer:
         # A 200 can carry an error (CopyObject, "Response elements").
         if b"<Error>" not in answer:
             await changed()
-            etag = _xml_text(answer, "ETag")
+            etag = xml_text(answer, "ETag")
             if etag and not etag.startswith('"'):
                 etag = f'"{etag}"'  # (some servers leave the XML's ETag unquoted)
             await self._keep_copy(bucket, key, source, etag)
@@ -709,7 +709,7 @@ class Writer:
         )
         async with response:
             answer = await response.read()
-        upload_id = _xml_text(answer, "UploadId") if response.status == 200 else None
+        upload_id = xml_text(answer, "UploadId") if response.status == 200 else None
         if upload_id is None:
             raise ServiceUnavailable(f"CreateMultipartUpload answered {response.status}")
         try:
@@ -783,7 +783,7 @@ class Writer:
             raise ServiceUnavailable(
                 f"CompleteMultipartUpload answered {response.status}: {answer[:300]!r}"
             )
-        return _xml_text(answer, "ETag")
+        return xml_text(answer, "ETag")
 
     async def _abort_upload(self, bucket: str, key: str, upload_id: str) -> None:
         url = self._upstream.url(bucket, key, (("uploadId", upload_id),))
@@ -982,7 +982,7 @@ def _fsync_dir(path: Path) -> None:
 
 
 
-def _xml_text(document: bytes, tag: str) -> str | None:
+def xml_text(document: bytes, tag: str) -> str | None:
     """The text of the first element named ``tag`` in an S3 answer (None if none)."""
     try:
         root = ET.fromstring(document)
