@@ -19,7 +19,7 @@ import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol, TypeVar
 
 ENV_PREFIX = "S3CACHE_"
 
@@ -160,20 +160,32 @@ class TtlRule:
 
 
 def _ttl_rules(text: str | Sequence[str] | Sequence[Mapping[str, str]]) -> tuple[TtlRule, ...]:
+    return tuple(
+        TtlRule(prefix=prefix, ttl=parse_ttl(ttl))
+        for prefix, ttl in _prefix_values(text, "ttl", "TTL")  # {prefix = "b/p", ttl = "1h"}
+    )
+
+
+def _prefix_values(
+    text: str | Sequence[str] | Sequence[Mapping[str, str]], name: str, shown: str
+) -> list[tuple[str, str]]:
+    """``BUCKET[/PREFIX]=VALUE`` items (comma-separated, a list, or TOML tables with
+    ``prefix`` and ``name``) as (``bucket/prefix``, value) pairs; a bucket alone gets
+    its trailing slash."""
     items = text.split(",") if isinstance(text, str) else list(text)
-    rules = []
+    pairs = []
     for item in items:
-        if isinstance(item, Mapping):  # TOML: {prefix = "bucket/p", ttl = "1h"}
-            prefix, ttl = str(item["prefix"]), str(item["ttl"])
+        if isinstance(item, Mapping):
+            prefix, value = str(item["prefix"]), str(item[name])
         else:
-            prefix, sep, ttl = str(item).partition("=")
+            prefix, sep, value = str(item).partition("=")
             if not sep:
-                raise ValueError(f"not BUCKET[/PREFIX]=TTL: {item!r}")
+                raise ValueError(f"not BUCKET[/PREFIX]={shown}: {item!r}")
         prefix = prefix.strip().removeprefix("s3://")
         if "/" not in prefix:
             prefix += "/"
-        rules.append(TtlRule(prefix=prefix, ttl=parse_ttl(ttl.strip())))
-    return tuple(rules)
+        pairs.append((prefix, value.strip()))
+    return pairs
 
 
 WRITE_MODES = ("around", "through", "back")
@@ -188,20 +200,29 @@ class WriteRule:
 def _write_rules(
     text: str | Sequence[str] | Sequence[Mapping[str, str]],
 ) -> tuple[WriteRule, ...]:
-    items = text.split(",") if isinstance(text, str) else list(text)
-    rules = []
-    for item in items:
-        if isinstance(item, Mapping):  # TOML: {prefix = "bucket/p", mode = "back"}
-            prefix, mode = str(item["prefix"]), str(item["mode"])
-        else:
-            prefix, sep, mode = str(item).partition("=")
-            if not sep:
-                raise ValueError(f"not BUCKET[/PREFIX]=MODE: {item!r}")
-        prefix = prefix.strip().removeprefix("s3://")
-        if "/" not in prefix:
-            prefix += "/"
-        rules.append(WriteRule(prefix=prefix, mode=parse_choice(*WRITE_MODES)(mode.strip())))
-    return tuple(rules)
+    choose = parse_choice(*WRITE_MODES)
+    return tuple(
+        WriteRule(prefix=prefix, mode=choose(mode))
+        for prefix, mode in _prefix_values(text, "mode", "MODE")  # {prefix, mode = "back"}
+    )
+
+
+class _PrefixRule(Protocol):
+    @property
+    def prefix(self) -> str: ...
+
+
+RuleT = TypeVar("RuleT", bound=_PrefixRule)
+
+
+def longest_prefix_rule(rules: Sequence[RuleT], bucket: str, key: str) -> RuleT | None:
+    """The rule whose prefix of ``bucket/key`` is the longest (None if none matches)."""
+    path = f"{bucket}/{key}"
+    best: RuleT | None = None
+    for rule in rules:
+        if path.startswith(rule.prefix) and (best is None or len(rule.prefix) > len(best.prefix)):
+            best = rule
+    return best
 
 
 @dataclass(frozen=True, slots=True)
@@ -570,36 +591,17 @@ class Settings:
 
     def rule_for(self, bucket: str, key: str) -> CacheRule | None:
         """The cache rule of bucket/key: the longest matching prefix (None: no rule)."""
-        path = f"{bucket}/{key}"
-        best: CacheRule | None = None
-        for rule in self.cache_rules:
-            if path.startswith(rule.prefix) and (
-                best is None or len(rule.prefix) > len(best.prefix)
-            ):
-                best = rule
-        return best
+        return longest_prefix_rule(self.cache_rules, bucket, key)
 
     def ttl_for(self, bucket: str, key: str) -> float:
         """Seconds an entry of bucket/key stays fresh (``math.inf``: immutable)."""
-        path = f"{bucket}/{key}"
-        best: TtlRule | None = None
-        for rule in self.ttl_rules:
-            if path.startswith(rule.prefix) and (
-                best is None or len(rule.prefix) > len(best.prefix)
-            ):
-                best = rule
-        return best.ttl if best is not None else self.cache_ttl
+        rule = longest_prefix_rule(self.ttl_rules, bucket, key)
+        return rule.ttl if rule is not None else self.cache_ttl
 
     def write_mode_for(self, bucket: str, key: str) -> str:
         """How a write of bucket/key is handled: around, through or back."""
-        path = f"{bucket}/{key}"
-        best: WriteRule | None = None
-        for rule in self.write_rules:
-            if path.startswith(rule.prefix) and (
-                best is None or len(rule.prefix) > len(best.prefix)
-            ):
-                best = rule
-        return best.mode if best is not None else "around"
+        rule = longest_prefix_rule(self.write_rules, bucket, key)
+        return rule.mode if rule is not None else "around"
 
 
 # Settings that SIGHUP reloads in a running process; the others need a restart.
