@@ -113,6 +113,13 @@ def _positive_int(text: str | int) -> int:
     return value
 
 
+def _positive_duration(text: str | int | float) -> float:
+    value = parse_duration(text)
+    if value <= 0:
+        raise ValueError(f"must be a positive duration: {text!r}")
+    return value
+
+
 def _optional_str(text: str) -> str | None:
     return text or None
 
@@ -475,6 +482,9 @@ class Settings:
         32 * 1024**2,
         parse_size,
         "bytes a second the background scrubber re-reads to check block hashes; 0: off",
+    )
+    scrub_pause: float = _setting(
+        60.0, _positive_duration, "how long the background scrubber rests after a full pass"
     )
     prefetch_concurrency: int = _setting(
         8, _positive_int, "block fetches prefetch may have in flight (apart from demand reads)"

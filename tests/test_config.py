@@ -105,6 +105,7 @@ def test_config_file_from_environment(tmp_path: Path) -> None:
         (["--listen", "nowhere"], {}, "", "--listen"),
         (["--upstream-addressing", "sideways"], {}, "", "--upstream-addressing"),
         (["--workers", "0"], {}, "", "--workers"),
+        (["--scrub-pause", "0s"], {}, "", "--scrub-pause"),
         (
             ["--workers", "2", "--peers", "http://a:1", "--advertise-url", "http://a:1"],
             {"S3CACHE_CLUSTER_SECRET": "s"},

@@ -96,7 +96,11 @@ def test_verify_finds_damage_in_a_running_cache(
 
 
 def test_background_scrub_finds_damage(tmp_path: Path, upstream: SeaweedS3, bucket: str) -> None:
-    with running_cache(tmp_path, upstream, "--scrub-rate", "64MiB") as cached:
+    # A short rest between passes: the pass after the damage starts soon (the first
+    # pass, at start-up, found the index empty).
+    with running_cache(
+        tmp_path, upstream, "--scrub-rate", "64MiB", "--scrub-pause", "200ms"
+    ) as cached:
         body = put(cached, bucket, "obj", 2 * BLOCK)
         assert get(cached.client, bucket, "obj") == body
         cached.settle()

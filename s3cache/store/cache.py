@@ -73,7 +73,6 @@ ACCESS_FLUSH_SECONDS = 2.0
 EVICTION_BATCH = 256
 S3FIFO_HEADS = 512  # entries of a queue's head looked at per eviction round (Belady among them)
 ORPHAN_BATCH = 500
-SCRUB_PAUSE_SECONDS = 60.0  # after a full pass
 DISK_CHECK_SECONDS = 2.0  # free space and degraded dirs are looked at this often
 VERIFY_LISTED = 100  # damaged entries named one by one in a verify report
 # Errors that say the disk is full. (EFBIG, a file over a size limit, is about one
@@ -149,6 +148,7 @@ class CacheStore:
         self._set_capacity(settings.cache_size)
         self.block_size = settings.block_size
         self._scrub_rate = settings.scrub_rate
+        self._scrub_pause = settings.scrub_pause  # after a full pass
         self._view: OrderedDict[tuple[str, str], Entry] = OrderedDict()
         self._view_size = view_size
         self._index_thread = ThreadPoolExecutor(1, thread_name_prefix="s3cache-index")
@@ -1042,7 +1042,7 @@ class CacheStore:
             rows = await self._in_index_thread(self.index.entries_after, cursor, 32)
             if not rows:
                 cursor = 0
-                await asyncio.sleep(SCRUB_PAUSE_SECONDS)
+                await asyncio.sleep(self._scrub_pause)
                 continue
             for row in rows:
                 cursor = row.id
