@@ -20,6 +20,7 @@
     ├── SignatureDoesNotMatch    403  the SigV4 signature (or a chunk's) is wrong
     ├── RequestTimeTooSkewed     403  the request time is over 15 minutes from the server's
     ├── NoSuchKey                404
+    ├── NoSuchBucket             404  a write-back to a bucket the upstream does not have
     ├── MethodNotAllowed         405
     ├── PreconditionFailed       412  an If-Match or If-Unmodified-Since condition is false
     ├── InvalidRange             416  the Range cannot be satisfied
@@ -143,6 +144,11 @@ class RequestTimeTooSkewed(S3Error):
 
 class NoSuchKey(S3Error):
     code = "NoSuchKey"
+    status = 404
+
+
+class NoSuchBucket(S3Error):
+    code = "NoSuchBucket"
     status = 404
 
 

@@ -59,6 +59,18 @@ class UpstreamKind(enum.Enum):
     WRITEBACK = "writeback"  # a write-back upload, or the HEAD after a cached upload
 
 
+class WritebackFailure(enum.Enum):
+    """Why a write-back upload attempt failed (``s3cache_writeback_upload_failures_total``).
+    The first two pass; the others are refusals the upstream repeats until someone acts
+    (the object stays pending, retried at the backoff cap, logged once)."""
+
+    UNREACHABLE = "unreachable"  # no HTTP answer: connection refused, reset, timeout
+    SERVER_ERROR = "server_error"  # 5xx (SlowDown, InternalError…)
+    NO_SUCH_BUCKET = "no_such_bucket"  # 404 NoSuchBucket: the bucket is gone
+    ACCESS_DENIED = "access_denied"  # 403: s3cache's credentials may not write there
+    REFUSED = "refused"  # any other 4xx (NoSuchUpload, InvalidRequest, BadDigest…)
+
+
 class DegradedReason(enum.Enum):
     """Why a cache dir cannot take blocks (``s3cache_cache_degraded_dirs``)."""
 
@@ -238,7 +250,8 @@ WRITEBACK_UPLOADS = Counter(
 )
 WRITEBACK_FAILURES = Counter(
     "s3cache_writeback_upload_failures_total",
-    "Failed write-back upload attempts (each is retried with backoff)",
+    "Failed write-back upload attempts by reason (each is retried with backoff)",
+    ["reason"],
 )
 
 

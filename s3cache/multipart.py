@@ -146,6 +146,7 @@ class Multipart:
         assert address.bucket is not None and address.key is not None
         headers, _ = upstream_request(request)
         if mode == BACK:
+            await self._writer.check_bucket(address.bucket)  # as S3 does: NoSuchBucket here
             upload_id = f"s3cache-{secrets.token_hex(16)}"
             self._new_upload(upload_id, address, mode, headers, request)
             return _xml(

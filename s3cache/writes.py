@@ -59,7 +59,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from s3cache.config import Settings
-from s3cache.errors import BadDigest, ServiceUnavailable
+from s3cache.errors import BadDigest, NoSuchBucket, ServiceUnavailable
 from s3cache.fill import Filler
 from s3cache.forward import relay_response, response_headers, send_upstream, upstream_request
 from s3cache.listing import Listed
@@ -71,6 +71,7 @@ from s3cache.metrics import (
     WRITEBACK_UPLOADS,
     WRITES,
     UpstreamKind,
+    WritebackFailure,
     labelled,
 )
 from s3cache.s3.addressing import S3Address
@@ -100,6 +101,11 @@ _CHECKSUMS: dict[str, Callable[[], _Digest]] = {
     "x-amz-checksum-sha256": lambda: hashlib.sha256(),
 }
 _BUFFERED = "STREAMING-UNSIGNED-PAYLOAD-TRAILER"  # aws-chunked as it came: not the object
+# A write-back is acknowledged only if its bucket may exist upstream (else it could never
+# be uploaded): a bucket not known to exist is asked for with one HeadBucket, answered in
+# at most this many seconds. No answer in time is an unreachable upstream: the write is
+# acknowledged (write-back is there to ride out an upstream away).
+BUCKET_CHECK_TIMEOUT = 5.0
 
 # What the server does once a key has changed (drops it elsewhere, listings).
 Changed = Callable[[], Awaitable[None]]
@@ -141,6 +147,8 @@ class Pending:
     acknowledged_at: float
     attempts: int = 0
     parts: tuple[tuple[int, str], ...] | None = None  # multipart: (size, md5 hex) each
+    failure: WritebackFailure | None = None  # why the last attempt failed
+    refusal_logged: bool = False  # a permanent refusal is logged once per object
 
     @classmethod
     def of(cls, row: PendingRow) -> Pending:
@@ -258,6 +266,25 @@ class Spool:
             yield piece
 
 
+class UploadFailed(ServiceUnavailable):
+    """The upstream answered a write-back upload's request with an error."""
+
+    def __init__(self, operation: str, status: int, answer: bytes) -> None:
+        self.upstream_status = status
+        self.upstream_code = xml_text(answer, "Code") or ""
+        super().__init__(f"{operation} answered {status} {self.upstream_code}".rstrip())
+
+    @property
+    def reason(self) -> WritebackFailure:
+        if self.upstream_status >= 500:
+            return WritebackFailure.SERVER_ERROR
+        if self.upstream_status == 403:
+            return WritebackFailure.ACCESS_DENIED
+        if self.upstream_code == "NoSuchBucket":
+            return WritebackFailure.NO_SUCH_BUCKET
+        return WritebackFailure.REFUSED
+
+
 @dataclass(slots=True)
 class _Totals:
     uploads: int = 0
@@ -265,6 +292,8 @@ class _Totals:
     superseded: int = 0
     fallbacks: int = 0  # write-backs done write-through: over writeback_max, or unpromisable
     by_mode: dict[str, int] = field(default_factory=dict)
+    by_reason: dict[str, int] = field(default_factory=dict)  # failed attempts
+    missing_buckets: int = 0  # write-backs answered NoSuchBucket
 
 
 class Writer:
@@ -287,6 +316,8 @@ class Writer:
         self._changed = asyncio.Condition()
         self._totals = _Totals()
         self._closing = False
+        self._buckets: set[str] = set()  # known to exist upstream
+        self._bucket_checks: dict[str, asyncio.Task[int | None]] = {}
         # Called with (bucket, key) once a write-back object is upstream (the listing
         # cache forgets the bucket's listings: they did not have it).
         self.on_uploaded: list[Callable[[str, str], None]] = []
@@ -336,6 +367,11 @@ class Writer:
             "max_bytes": self._max,
             "uploads": totals.uploads,
             "upload_failures": totals.failures,
+            "upload_failures_by_reason": dict(totals.by_reason),
+            "refused_objects": sum(
+                1 for p in self._pending.values() if p.failure in _PERMANENT
+            ),
+            "missing_buckets": totals.missing_buckets,
             "superseded": totals.superseded,
             "fallbacks_to_through": totals.fallbacks,
             "writes": dict(totals.by_mode),
@@ -376,6 +412,49 @@ class Writer:
                 lambda: not any(p.bucket == bucket and p.key == key for p in self._pending.values())
             )
 
+    # --- the bucket of a write-back ----------------------------------------------
+
+    def bucket_exists(self, bucket: str) -> None:
+        """The upstream showed the bucket exists (it took a write, answered a HEAD)."""
+        self._buckets.add(bucket)
+
+    async def check_bucket(self, bucket: str) -> None:
+        """Before a write-back is acknowledged: NoSuchBucket if the upstream says it has
+        no such bucket (the object could never be uploaded; nothing is journaled). A
+        bucket known to exist is not asked for again; one HeadBucket (with s3cache's
+        credentials, one at a time per bucket) otherwise. An upstream that cannot be
+        asked (unreachable, 5xx) or cannot tell (403: credentials without
+        s3:ListBucket) lets the write be acknowledged."""
+        if bucket in self._buckets:
+            return
+        check = self._bucket_checks.get(bucket)
+        if check is None:
+            check = asyncio.get_running_loop().create_task(self._head_bucket(bucket))
+            self._bucket_checks[bucket] = check
+            check.add_done_callback(lambda _: self._bucket_checks.pop(bucket, None))
+        if await asyncio.shield(check) == 404:
+            self._totals.missing_buckets += 1
+            raise NoSuchBucket("The specified bucket does not exist", resource=f"/{bucket}")
+
+    async def _head_bucket(self, bucket: str) -> int | None:
+        """The upstream's status for a HeadBucket; None if it did not answer in time."""
+        try:
+            response = await asyncio.wait_for(
+                self._upstream.request(
+                    "HEAD", self._upstream.url(bucket, None), {}, kind=UpstreamKind.WRITEBACK
+                ),
+                BUCKET_CHECK_TIMEOUT,
+            )
+        except (ServiceUnavailable, TimeoutError) as exc:
+            log.warning("write-back to s3://%s: bucket not checked (%s)", bucket, exc)
+            return None
+        response.release()
+        if response.status == 200:
+            self._buckets.add(bucket)
+        elif response.status != 404:
+            log.info("write-back to s3://%s: HeadBucket answered %d", bucket, response.status)
+        return response.status
+
     # --- PutObject ---------------------------------------------------------------
 
     async def put(
@@ -392,6 +471,7 @@ class Writer:
             length = _body_length(request)
             if self._promisable(request, length):
                 assert length is not None
+                await self.check_bucket(address.bucket)
                 return await self._put_back(request, address, length, changed)
             self._totals.fallbacks += 1
             mode = THROUGH
@@ -489,6 +569,7 @@ class Writer:
         response.release()
         if response.status != 200:
             return None
+        self._buckets.add(bucket)
         checked = check_answer("HEAD", 200, response.headers, None)
         if checked.verdict is not Verdict.CACHEABLE or checked.meta is None:
             return None
@@ -647,7 +728,9 @@ class Writer:
                 return
             pending.attempts += 1
             self._totals.failures += 1
-            WRITEBACK_FAILURES.inc()
+            reason = (pending.failure or WritebackFailure.UNREACHABLE).value
+            self._totals.by_reason[reason] = self._totals.by_reason.get(reason, 0) + 1
+            labelled(WRITEBACK_FAILURES, reason).inc()
             delay = min(self._retry_max, _FIRST_RETRY * 2 ** min(pending.attempts - 1, 30))
             await asyncio.sleep(delay * random.uniform(0.5, 1.0))
 
@@ -683,10 +766,35 @@ class Writer:
         try:
             etag = await self._send(pending.bucket, pending.key, pending.headers, sources)
         except (ServiceUnavailable, aiohttp.ClientError, OSError, TimeoutError) as exc:
-            log.warning("write-back of s3://%s/%s failed: %s", pending.bucket, pending.key, exc)
+            self._failed(pending, exc)
             return False
         await self._confirm(pending, etag)
         return True
+
+    def _failed(self, pending: Pending, exc: BaseException) -> None:
+        """Note why an attempt failed. A refusal the upstream will repeat (403, 404…) is
+        logged once per object, as an error: the object stays pending (acknowledged, only
+        in the cache) and is retried at the backoff cap until someone acts."""
+        where = f"s3://{pending.bucket}/{pending.key}"
+        if isinstance(exc, UploadFailed):
+            pending.failure = exc.reason
+        else:
+            pending.failure = WritebackFailure.UNREACHABLE
+        if pending.failure is WritebackFailure.NO_SUCH_BUCKET:
+            self._buckets.discard(pending.bucket)
+        if pending.failure not in _PERMANENT:
+            log.warning("write-back of %s failed: %s", where, exc)
+        elif not pending.refusal_logged:
+            pending.refusal_logged = True
+            log.error(
+                "write-back of %s refused by the upstream (%s): the acknowledged object is "
+                "only in the cache, retried every %gs at most until the upstream takes it",
+                where,
+                exc,
+                self._retry_max,
+            )
+        else:
+            log.debug("write-back of %s refused again: %s", where, exc)
 
     async def _send(
         self,
@@ -711,7 +819,7 @@ class Writer:
             answer = await response.read()
         upload_id = xml_text(answer, "UploadId") if response.status == 200 else None
         if upload_id is None:
-            raise ServiceUnavailable(f"CreateMultipartUpload answered {response.status}")
+            raise UploadFailed("CreateMultipartUpload", response.status, answer)
         try:
             # Parts go up in parallel: one connection over a WAN is far slower than
             # the disk (as boto3's own transfers do; bounded by writeback_concurrency).
@@ -755,11 +863,12 @@ class Writer:
                 kind=UpstreamKind.WRITEBACK,
             )
             async with response:
-                await response.read()
+                answer = await response.read()
         finally:
             await file.close()
         if response.status != 200:
-            raise ServiceUnavailable(f"upstream answered {response.status}")
+            raise UploadFailed("UploadPart" if query else "PutObject", response.status, answer)
+        self._buckets.add(bucket)
         return response.headers.get("ETag")
 
     async def _finish_upload(
@@ -780,9 +889,9 @@ class Writer:
             answer = await response.read()
         # A 200 can carry an error (CompleteMultipartUpload, "Response elements").
         if response.status != 200 or b"<Error>" in answer:
-            raise ServiceUnavailable(
-                f"CompleteMultipartUpload answered {response.status}: {answer[:300]!r}"
-            )
+            # (an error in a 200 is a server's fault: S3 asks to retry it)
+            status = 500 if response.status == 200 else response.status
+            raise UploadFailed("CompleteMultipartUpload", status, answer)
         return xml_text(answer, "ETag")
 
     async def _abort_upload(self, bucket: str, key: str, upload_id: str) -> None:
@@ -825,6 +934,7 @@ class Writer:
     ) -> None:
         """A completed write-back multipart upload: joined into a new cache file
         (fsync'd by ``join``), then its entry and journal row committed."""
+        await self.check_bucket(bucket)
         self._count(BACK)
         directory, name, path = self._store.new_file(bucket, key)
         self._spooling += meta.size
@@ -890,6 +1000,12 @@ class Writer:
             listener(pending.bucket, pending.key)
         self._totals.uploads += 1
         WRITEBACK_UPLOADS.inc()
+
+
+# Failures the upstream repeats until someone acts (the bucket, a policy, the key…).
+_PERMANENT = frozenset(
+    {WritebackFailure.NO_SUCH_BUCKET, WritebackFailure.ACCESS_DENIED, WritebackFailure.REFUSED}
+)
 
 
 def request_too_big(length: int | None, capacity: int) -> bool:

@@ -373,7 +373,7 @@ METRIC_LABELS: dict[str, frozenset[str]] = {
     "s3cache_writeback_pending_bytes": frozenset(),
     "s3cache_writeback_oldest_pending_seconds": frozenset(),
     "s3cache_writeback_uploads_total": frozenset(),
-    "s3cache_writeback_upload_failures_total": frozenset(),
+    "s3cache_writeback_upload_failures_total": frozenset({"reason"}),
     "s3cache_rule_reads_total": frozenset({"rule", "outcome"}),
     "s3cache_rule_served_bytes_total": frozenset({"rule", "source"}),
     "s3cache_rule_evictions_total": frozenset({"rule"}),
@@ -394,6 +394,9 @@ LABEL_VALUES: dict[str, frozenset[str]] = {
     "kind": frozenset({"block", "revalidate", "forward", "probe", "writeback"}),
     "status_class": frozenset({"2xx", "3xx", "4xx", "5xx", "error"}),
     "result": frozenset({"unchanged", "changed", "gone", "error"}),
+    "reason": frozenset(
+        {"unreachable", "server_error", "no_such_bucket", "access_denied", "refused"}
+    ),
     "operation": frozenset(
         {
             "get_object",
@@ -510,6 +513,7 @@ def test_known_label_values_agree_with_s3cache() -> None:
         "source": metrics.ByteSource,
         "kind": metrics.UpstreamKind,
         "result": metrics.Revalidation,
+        "reason": metrics.WritebackFailure,
         "operation": Operation,
     }
     for label, values in enums.items():

@@ -300,3 +300,104 @@ def test_copy_waits_for_a_pending_source_and_is_cached(
         head = cached.client.head_object(Bucket=bucket, Key="dst/a")
         assert head["ETag"] == direct["ETag"] and head["LastModified"] == direct["LastModified"]
         assert cached.relay.count("GET") == 0
+
+
+# --- write-back to a bucket the upstream does not have ------------------------------
+
+
+def _error_of(call: Any) -> tuple[str, int]:
+    from botocore.exceptions import ClientError
+
+    with pytest.raises(ClientError) as refused:
+        call()
+    error = refused.value.response
+    return error["Error"]["Code"], error["ResponseMetadata"]["HTTPStatusCode"]
+
+
+def _bucket_heads(cached: Cached, bucket: str) -> list[Any]:
+    records = cached.relay.records()
+    return [r for r in records if r.method == "HEAD" and r.path.rstrip("/") == f"/{bucket}"]
+
+
+def test_write_back_to_a_missing_bucket_is_refused_before_it_is_acknowledged(
+    tmp_path: Path, upstream: SeaweedS3, bucket: str
+) -> None:
+    missing = f"{bucket}-missing"
+    rules = ("--write-rule", f"{missing}=back", "--write-rule", f"{bucket}=back")
+    with running_cache(tmp_path, upstream, *rules) as cached:
+        body = os.urandom(300 * 1024)
+        put = lambda: cached.client.put_object(Bucket=missing, Key="ckpt/a.pt", Body=body)  # noqa: E731
+        assert _error_of(put) == ("NoSuchBucket", 404)
+        create = lambda: cached.client.create_multipart_upload(Bucket=missing, Key="big.pt")  # noqa: E731
+        assert _error_of(create) == ("NoSuchBucket", 404)
+        queue = cached.stats()["writeback"]
+        assert queue["pending_objects"] == 0 and queue["missing_buckets"] == 2
+        assert cached.stats()["entries"] == 0  # nothing journaled, nothing cached
+        read = lambda: cached.client.get_object(Bucket=missing, Key="ckpt/a.pt")  # noqa: E731
+        assert _error_of(read)[1] == 404
+        # A bucket that exists is asked for once; then it is known.
+        cached.relay.reset()
+        for key in ("a", "b", "c"):
+            cached.client.put_object(Bucket=bucket, Key=key, Body=body)
+        assert [r.status for r in _bucket_heads(cached, bucket)] == [200]
+        _wait_drained(cached)
+        assert cached.direct.get_object(Bucket=bucket, Key="c")["Body"].read() == body
+
+
+@pytest.mark.parametrize("status", [403, 503])
+def test_write_back_is_acknowledged_when_the_bucket_check_cannot_tell(
+    tmp_path: Path, upstream: SeaweedS3, bucket: str, status: int
+) -> None:
+    """403 (credentials without s3:ListBucket) or an upstream in trouble: acknowledged
+    (write-back rides out an upstream away); the upload that follows makes the bucket
+    known, so the next write-back does not ask."""
+    with running_cache(tmp_path, upstream, "--write-rule", f"{bucket}=back") as cached:
+        cached.relay.fault = Fault(
+            status=status, match_method="HEAD", match_path_prefix=f"/{bucket}", times=1
+        )
+        body = os.urandom(200 * 1024)
+        cached.client.put_object(Bucket=bucket, Key="one", Body=body)
+        assert [r.status for r in _bucket_heads(cached, bucket)] == [status]
+        _wait_drained(cached)
+        cached.client.put_object(Bucket=bucket, Key="two", Body=body)
+        assert len(_bucket_heads(cached, bucket)) == 1
+        _wait_drained(cached)
+        for key in ("one", "two"):
+            assert cached.direct.get_object(Bucket=bucket, Key=key)["Body"].read() == body
+
+
+def test_an_upload_refused_after_acknowledgement_is_counted_logged_once_and_kept(
+    tmp_path: Path, upstream: SeaweedS3, bucket: str
+) -> None:
+    import time
+
+    missing = f"{bucket}-later"
+    extra = ("--write-rule", f"{missing}=back", "--writeback-retry-max", "0.3s")
+    with running_cache(tmp_path, upstream, *extra) as cached:
+        # The bucket check cannot tell (503): acknowledged; the upstream then refuses
+        # every upload attempt with 404 NoSuchBucket.
+        cached.relay.fault = Fault(
+            status=503, match_method="HEAD", match_path_prefix=f"/{missing}", times=1
+        )
+        body = os.urandom(150 * 1024)
+        cached.client.put_object(Bucket=missing, Key="ckpt/7.pt", Body=body)
+        deadline = time.monotonic() + 30
+        while cached.stats()["writeback"]["upload_failures_by_reason"].get("no_such_bucket", 0) < 4:
+            assert time.monotonic() < deadline, cached.stats()["writeback"]
+            time.sleep(0.1)
+        queue = cached.stats()["writeback"]
+        assert queue["pending_objects"] == 1 and queue["refused_objects"] == 1
+        counted = 's3cache_writeback_upload_failures_total{reason="no_such_bucket"}'
+        assert counted in cached.metrics()
+        log = cached.proxy.log_path.read_text(errors="replace")
+        refusals = [line for line in log.splitlines() if "refused by the upstream" in line]
+        assert len(refusals) == 1 and f"s3://{missing}/ckpt/7.pt" in refusals[0]
+        assert get(cached.client, missing, "ckpt/7.pt") == body  # still served, never dropped
+        cached.direct.create_bucket(Bucket=missing)
+        try:
+            _wait_drained(cached)
+            assert cached.direct.get_object(Bucket=missing, Key="ckpt/7.pt")["Body"].read() == body
+            assert cached.stats()["writeback"]["refused_objects"] == 0
+        finally:
+            cached.direct.delete_object(Bucket=missing, Key="ckpt/7.pt")
+            cached.direct.delete_bucket(Bucket=missing)
