@@ -26,11 +26,25 @@ class Cached:
         self.proxy = proxy
         self.relay = relay
         self.direct = upstream.client()
+        self._upstream = upstream
         self.client = _client(proxy.endpoint_url, upstream)
+        self._spread: Any = None
 
     def close(self) -> None:
         self.client.close()
         self.direct.close()
+        if self._spread is not None:
+            self._spread.close()
+
+    @property
+    def spread_client(self) -> Any:
+        """A client of s3cache that sends each request on a new connection (made on
+        first use), for reads that the kernel should spread over the workers."""
+        if self._spread is None:
+            self._spread = new_connection_per_request(
+                _client(self.proxy.endpoint_url, self._upstream)
+            )
+        return self._spread
 
     def gets(self) -> list[Any]:
         return [r for r in self.relay.records() if r.method == "GET"]
@@ -68,6 +82,19 @@ def _client(endpoint_url: str, upstream: SeaweedS3, **config: Any) -> Any:
     return client_of(
         endpoint_url, upstream, retries={"max_attempts": 1}, max_pool_connections=64, **config
     )
+
+
+def new_connection_per_request(client: Any) -> Any:
+    """``client``, made to send every request with ``Connection: close`` (added after
+    signing), so that each one goes on a new connection, as from a fresh client, but
+    without the cost of making a client. With ``--workers``, the kernel chooses the
+    worker of each connection (SO_REUSEPORT)."""
+    client.meta.events.register("before-send.s3", _close_connection)
+    return client
+
+
+def _close_connection(request: Any, **_: Any) -> None:
+    request.headers["Connection"] = "close"
 
 
 @contextlib.contextmanager

@@ -21,7 +21,15 @@ import pytest
 
 from s3cache.sandbox.proxy import client_of
 from s3cache.sandbox.seaweed import SeaweedS3
-from tests.cached_proxy import BLOCK, Cached, _client, get, put, running_cache
+from tests.cached_proxy import (
+    BLOCK,
+    Cached,
+    _client,
+    get,
+    new_connection_per_request,
+    put,
+    running_cache,
+)
 
 CONNECTIONS = 12
 
@@ -40,18 +48,11 @@ def wait_for(condition: Any, what: str, timeout: float = 30.0) -> None:
         time.sleep(0.05)
 
 
-def read_all(cached: Cached, upstream: SeaweedS3, bucket: str, keys: list[str]) -> list[bytes]:
-    """Each key read on its own new connection (a fresh client), CONNECTIONS at once."""
-
-    def one(key: str) -> bytes:
-        client = _client(cached.proxy.endpoint_url, upstream)
-        try:
-            return get(client, bucket, key)
-        finally:
-            client.close()
-
+def read_all(cached: Cached, bucket: str, keys: list[str]) -> list[bytes]:
+    """Each key read on its own new connection, CONNECTIONS at once."""
+    client = cached.spread_client
     with ThreadPoolExecutor(CONNECTIONS) as pool:
-        return list(pool.map(one, keys))
+        return list(pool.map(lambda key: get(client, bucket, key), keys))
 
 
 def worker_pids(cached: Cached) -> dict[int, int]:
@@ -83,7 +84,7 @@ def test_both_workers_serve_and_the_metrics_count_every_request_once(
 ) -> None:
     bodies = {f"k{i}": put(workers, bucket, f"k{i}", 3 * BLOCK + 11) for i in range(16)}
     keys = list(bodies) * 6
-    for key, body in zip(keys, read_all(workers, upstream, bucket, keys), strict=True):
+    for key, body in zip(keys, read_all(workers, bucket, keys), strict=True):
         assert body == bodies[key]
     # Each block came from the upstream once, whichever worker was asked.
     workers.settle()
@@ -110,12 +111,9 @@ def test_a_write_through_any_worker_is_seen_by_every_next_read(
         for version in range(4):
             body = os.urandom(2 * BLOCK + version)
             # A write through s3cache, on a new connection each time (either worker).
-            writer = _client(workers.proxy.endpoint_url, upstream)
-            writer.put_object(Bucket=bucket, Key="hot", Body=body)
-            writer.close()
+            workers.spread_client.put_object(Bucket=bucket, Key="hot", Body=body)
             digests = {
-                hashlib.sha256(b).hexdigest()
-                for b in read_all(workers, upstream, bucket, ["hot"] * 24)
+                hashlib.sha256(b).hexdigest() for b in read_all(workers, bucket, ["hot"] * 24)
             }
             assert digests == {hashlib.sha256(body).hexdigest()}
         assert get(client, bucket, "hot") == body
@@ -140,7 +138,7 @@ def test_a_killed_worker_is_restarted_and_reads_go_on(
 ) -> None:
     bodies = {f"k{i}": put(workers, bucket, f"k{i}", BLOCK + i) for i in range(8)}
     keys = list(bodies) * 3
-    assert read_all(workers, upstream, bucket, keys) == [bodies[k] for k in keys]
+    assert read_all(workers, bucket, keys) == [bodies[k] for k in keys]
     for victim in (1, 0):  # the secondary, then the primary
         before = worker_pids(workers)
         assert sorted(before) == [0, 1]
@@ -155,7 +153,7 @@ def test_a_killed_worker_is_restarted_and_reads_go_on(
             lambda: _linked(workers),
             "the secondary linked to the primary again",
         )
-        assert read_all(workers, upstream, bucket, keys) == [bodies[k] for k in keys]
+        assert read_all(workers, bucket, keys) == [bodies[k] for k in keys]
     assert workers.proxy.stop() == 0  # SIGTERM: every worker drains and exits
 
 
@@ -173,7 +171,7 @@ def test_a_killed_supervisor_takes_its_workers_and_a_restart_serves_at_once(
         wait_for(lambda: _linked(cached), "the secondary links")
         bodies = {f"k{i}": put(cached, bucket, f"k{i}", BLOCK + i) for i in range(8)}
         keys = list(bodies) * 3
-        assert read_all(cached, upstream, bucket, keys) == [bodies[k] for k in keys]
+        assert read_all(cached, bucket, keys) == [bodies[k] for k in keys]
         workers = worker_pids(cached)
         assert sorted(workers) == [0, 1]
         old_run_dir = _run_dir(workers[0])
@@ -193,19 +191,21 @@ def test_a_killed_supervisor_takes_its_workers_and_a_restart_serves_at_once(
         # No orphan holds the port. (A killed process's main thread is a zombie before
         # its other threads have exited and its sockets closed: waited for, bounded.)
         wait_for(lambda: _bindable(cached.proxy.port), "the port to be free", timeout=10)
-        # Again on the same port and cache directory. The clients are made first (each
-        # will open its own connection) so that the reads start as soon as any worker
-        # accepts connections: the primary may still be opening the index.
-        clients = [_client_without_retries(cached, upstream) for _ in keys]
-        cached.proxy.start(wait=False)
-        wait_for(lambda: _accepts(cached.proxy.port), "a worker listening")
-        assert _read_once_each(clients, bucket, keys) == [bodies[k] for k in keys]
-        writer = client_of(cached.proxy.endpoint_url, upstream)
-        new = os.urandom(BLOCK + 99)
-        writer.put_object(Bucket=bucket, Key="k0", Body=new)
-        writer.close()
-        clients = [_client_without_retries(cached, upstream) for _ in range(24)]
-        assert set(_read_once_each(clients, bucket, ["k0"] * 24)) == {new}
+        # Again on the same port and cache directory. The client is made first (each
+        # read will open its own connection) so that the reads start as soon as any
+        # worker accepts connections: the primary may still be opening the index.
+        client = _client_without_retries(cached, upstream)
+        try:
+            cached.proxy.start(wait=False)
+            wait_for(lambda: _accepts(cached.proxy.port), "a worker listening")
+            assert _read_once_each(client, bucket, keys) == [bodies[k] for k in keys]
+            writer = client_of(cached.proxy.endpoint_url, upstream)
+            new = os.urandom(BLOCK + 99)
+            writer.put_object(Bucket=bucket, Key="k0", Body=new)
+            writer.close()
+            assert set(_read_once_each(client, bucket, ["k0"] * 24)) == {new}
+        finally:
+            client.close()
         # The killed supervisor's run directory went when the new one started.
         assert not old_run_dir.exists()
 
@@ -233,22 +233,22 @@ def test_only_run_directories_nobody_holds_are_removed(tmp_path: Path) -> None:
 
 
 def _client_without_retries(cached: Cached, upstream: SeaweedS3) -> Any:
-    return client_of(cached.proxy.endpoint_url, upstream, retries={"total_max_attempts": 1})
+    """Each request on its own new connection, with no retry at all."""
+    return new_connection_per_request(
+        client_of(
+            cached.proxy.endpoint_url,
+            upstream,
+            retries={"total_max_attempts": 1},
+            max_pool_connections=CONNECTIONS,
+        )
+    )
 
 
-def _read_once_each(clients: list[Any], bucket: str, keys: list[str]) -> list[bytes]:
-    """Key i read by client i (each on its own new connection), CONNECTIONS at once,
-    with no retry at all: a 503 fails the read. The clients are closed."""
-
-    def one(job: tuple[Any, str]) -> bytes:
-        client, key = job
-        try:
-            return get(client, bucket, key)
-        finally:
-            client.close()
-
+def _read_once_each(client: Any, bucket: str, keys: list[str]) -> list[bytes]:
+    """Each key read once (on its own new connection), CONNECTIONS at once, with no
+    retry at all: a 503 fails the read."""
     with ThreadPoolExecutor(CONNECTIONS) as pool:
-        return list(pool.map(one, zip(clients, keys, strict=True)))
+        return list(pool.map(lambda key: get(client, bucket, key), keys))
 
 
 def _alive(pid: int) -> bool:
@@ -295,17 +295,17 @@ def test_sighup_reloads_every_worker(tmp_path: Path, upstream: SeaweedS3, bucket
     direct.put_object(Bucket=bucket, Key="k", Body=b"first")
     with running_cache(tmp_path, upstream, "--workers", "2", "--config", str(config)) as cached:
         wait_for(lambda: _linked(cached), "the secondary links")
-        assert set(read_all(cached, upstream, bucket, ["k"] * 24)) == {b"first"}
+        assert set(read_all(cached, bucket, ["k"] * 24)) == {b"first"}
         direct.put_object(Bucket=bucket, Key="k", Body=b"second")
         # Both workers answer from the cache for an hour.
-        assert set(read_all(cached, upstream, bucket, ["k"] * 24)) == {b"first"}
+        assert set(read_all(cached, bucket, ["k"] * 24)) == {b"first"}
         config.write_text('cache_ttl = "0s"\n')
         cached.proxy.send_signal(signal.SIGHUP)  # to the supervisor, which passes it on
         wait_for(
             lambda: cached.proxy.log_tail(200).count("SIGHUP: reloaded") == 2,
             "both workers reloaded",
         )
-        assert set(read_all(cached, upstream, bucket, ["k"] * 24)) == {b"second"}
+        assert set(read_all(cached, bucket, ["k"] * 24)) == {b"second"}
     direct.close()
 
 
