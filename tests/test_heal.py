@@ -22,7 +22,7 @@ import sys
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,7 @@ from typing import Any
 import pytest
 
 from s3cache.sandbox.seaweed import SeaweedS3
+from s3cache.server.secondary import READS_FLUSH_SECONDS
 from tests.cached_proxy import BLOCK, Cached, _client, put, running_cache
 
 pytestmark = pytest.mark.faults
@@ -267,17 +268,14 @@ def test_verify_cli_reports_damage(tmp_path: Path, upstream: SeaweedS3, bucket: 
         read_ok(cached, bucket, "obj", body)
 
 
-def read_many(cached: Cached, upstream: SeaweedS3, bucket: str, key: str, body: bytes) -> None:
+def read_many(cached: Cached, bucket: str, key: str, body: bytes) -> None:
     """Reads on 24 new connections, 8 at a time: the kernel spreads them over the
     workers (each answered by whichever worker accepted it)."""
+    client = cached.spread_client
 
     def one(_: int) -> None:
-        client = _client(cached.proxy.endpoint_url, upstream)
-        try:
-            data = client.get_object(Bucket=bucket, Key=key)["Body"].read()
-            assert data == body
-        finally:
-            client.close()
+        data = client.get_object(Bucket=bucket, Key=key)["Body"].read()
+        assert data == body
 
     with ThreadPoolExecutor(8) as pool:
         list(pool.map(one, range(24)))
@@ -288,31 +286,60 @@ def secondary_reads(cached: Cached) -> int:
     return sum(int(worker["reads_served"]) for worker in secondaries.values())
 
 
+def settled_secondary_reads(cached: Cached) -> int:
+    """The reads the secondaries served, once no report of earlier reads is on its way
+    (the count stays the same for longer than the secondaries take to report)."""
+    count = secondary_reads(cached)
+    while True:
+        time.sleep(READS_FLUSH_SECONDS * 1.5)
+        now = secondary_reads(cached)
+        if now == count:
+            return count
+        count = now
+
+
+@pytest.fixture(scope="module")
+def two_workers(
+    tmp_path_factory: pytest.TempPathFactory, upstream: SeaweedS3
+) -> Iterator[tuple[Cached, Path]]:
+    """s3cache with two workers, shared by the tests of this module that damage one
+    object each (its own key in its own bucket): and its workdir."""
+    workdir = tmp_path_factory.mktemp("two-workers")
+    with running_cache(workdir, upstream, "--workers", "2", "--scrub-rate", "0") as cached:
+        deadline = time.monotonic() + 30
+        while not cached.stats()["workers"]["secondaries"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        yield cached, workdir
+
+
 @pytest.mark.parametrize(
     "damage", ["byte-flipped", "deleted", "truncated-mid-block", "truncated-to-0"]
 )
 def test_damage_while_running_heals_with_workers(
-    tmp_path: Path, upstream: SeaweedS3, bucket: str, damage: str
+    two_workers: tuple[Cached, Path], bucket: str, damage: str
 ) -> None:
     """Two workers: the secondary serves the object from its own open fd of the file."""
-    with running_cache(tmp_path, upstream, "--workers", "2", "--scrub-rate", "0") as cached:
-        deadline = time.monotonic() + 30
-        while not cached.stats()["workers"]["secondaries"] and time.monotonic() < deadline:
-            time.sleep(0.05)
-        body = put(cached, bucket, "obj", SIZE)
-        read_ok(cached, bucket, "obj", body)
-        cached.settle()
-        read_many(cached, upstream, bucket, "obj", body)
-        assert secondary_reads(cached) > 0  # the secondary has the file open
-        DAMAGE[damage](the_file(tmp_path))
-        read_many(cached, upstream, bucket, "obj", body)
-        cached.settle()
-        read_many(cached, upstream, bucket, "obj", body)
-        cached.settle()
-        cached.relay.reset()
-        read_many(cached, upstream, bucket, "obj", body)
-        assert cached.gets() == [], "not a hit after the repair"
-        log_has_no_500(cached)
+    cached, workdir = two_workers
+    before = set(data_files(workdir))
+    body = put(cached, bucket, "obj", SIZE)
+    read_ok(cached, bucket, "obj", body)
+    cached.settle()
+    (path,) = set(data_files(workdir)) - before  # this object's file
+    served_before = settled_secondary_reads(cached)  # (earlier tests' reads)
+    read_many(cached, bucket, "obj", body)
+    deadline = time.monotonic() + 10
+    while secondary_reads(cached) == served_before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert secondary_reads(cached) > served_before  # the secondary has the file open
+    DAMAGE[damage](path)
+    read_many(cached, bucket, "obj", body)
+    cached.settle()
+    read_many(cached, bucket, "obj", body)
+    cached.settle()
+    cached.relay.reset()
+    read_many(cached, bucket, "obj", body)
+    assert cached.gets() == [], "not a hit after the repair"
+    log_has_no_500(cached)
 
 
 def test_file_cut_short_mid_response_aborts_it_and_heals(
