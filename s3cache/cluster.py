@@ -8,6 +8,20 @@ from its cache (filling it once for the whole cluster) and the asking node strea
 answer to its client. Ranges, conditionals and single-flight work across nodes because
 the owner serves every read of its keys.
 
+Writes of a key (PutObject, CopyObject, the multipart calls, DeleteObject) are handled
+at the key's owner too, so that its write mode (write_rules: the cache filled through,
+or a write-back journaled) and the order of its writes are decided in one place. The
+node the client reached authenticates and authorizes it, then passes it on as a peer
+request: headers and body as the upstream would get them from that node (an
+aws-chunked body with chunk signatures is decoded there, each signature checked as the
+bytes go through; the owner gets the plain body, its decoded length and the client's
+checksum headers), and the owner's answer streams back unchanged. A write whose owner
+cannot be connected to goes to the next node in rendezvous order (possibly this one);
+one that fails once it was sent is answered 503 (it may have been applied: never sent
+twice). Waits across nodes: ``settle`` (until the owners of some keys have no
+write-back of them pending: DeleteObjects, a copy's source) and ``flush`` (every node's
+pending writes under a prefix).
+
 Failure: a peer that cannot be connected to within ``peer_timeout``, does not answer a
 read within ``upstream_read_timeout``, or fails its health check (``peer_timeout``), is
 taken as down; its keys go to the next node in rendezvous order (possibly
@@ -33,10 +47,11 @@ import yarl
 from aiohttp import web
 
 from s3cache.config import Settings
-from s3cache.errors import AccessDenied
-from s3cache.forward import relay_response
+from s3cache.errors import AccessDenied, ServiceUnavailable
+from s3cache.forward import relay_response, upstream_request
 from s3cache.hashing import ranked
 from s3cache.s3.addressing import S3Address, encode_path, encode_query
+from s3cache.upstream import _s3_error_in_chain
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +86,10 @@ class Cluster:
         self._timeout = settings.peer_timeout
         # A cold read waits on the owner's upstream fetch: give it the upstream's time.
         self._read_timeout = settings.upstream_read_timeout
+        # A write, a settle or a flush at a peer waits as long as the peer takes (a
+        # write-back completion joins GiBs, a DELETE waits for the key's pending upload,
+        # a flush for the upstream): the peer's health check tells whether it is alive.
+        self._waiting = aiohttp.ClientTimeout(total=None, sock_connect=self._timeout)
         self._down: set[str] = set()
         self._probed: set[str] = set()  # peers health-checked at least once
         self._answered: set[str] = set()  # peers that answered a health check once
@@ -158,6 +177,99 @@ class Cluster:
             if response.status == 403 and PEER_HEADER.lower() in response.headers:
                 log.error("peer %s refused our cluster signature: check cluster_secret", node)
             return await relay_response(request, response)
+
+    async def write_to(
+        self, node: str, request: web.Request, address: S3Address
+    ) -> aiohttp.ClientResponse | None:
+        """Send a client's write of one key (authenticated and authorized here) to its
+        owner ``node``; the caller relays the answer. None if the owner cannot be
+        connected to: it is taken as down and nothing was sent (the caller passes the
+        write to the next node). A failure once the request went out is a 503."""
+        assert self._session is not None and address.bucket is not None
+        headers, body = upstream_request(request)  # (chunk signatures checked as it goes)
+        path = encode_path(address.bucket, address.key)
+        query = encode_query(address.query)
+        target = path + ("?" + query if query else "")
+        headers[PEER_HEADER] = self.sign(request.method, target)
+        url = yarl.URL(node + target, encoded=True)
+        try:
+            return await self._session.request(
+                request.method,
+                url,
+                headers=headers,
+                data=body,
+                allow_redirects=False,
+                timeout=self._waiting,
+            )
+        except aiohttp.ClientConnectorError as exc:
+            self._mark_down(node, exc)
+            return None
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            client_fault = _s3_error_in_chain(exc)
+            if client_fault is not None:
+                raise client_fault from None  # the client's body was bad, not the peer
+            raise ServiceUnavailable(
+                f"The node that owns the key failed during the write ({exc}); retry."
+            ) from exc
+
+    async def settle(self, bucket: str, keys: list[str]) -> None:
+        """Wait until the owners of ``keys`` (the other nodes) have no write-back of one
+        of them pending. An owner that cannot be asked is skipped: what it holds goes up
+        when it is back."""
+        by_owner: dict[str, list[str]] = {}
+        for key in keys:
+            node = self.owner(bucket, key)
+            if node is not None:
+                by_owner.setdefault(node, []).append(key)
+        await asyncio.gather(
+            *(
+                self._post_and_wait(node, "settle", {"bucket": bucket, "keys": owned})
+                for node, owned in by_owner.items()
+            )
+        )
+
+    async def flush(self, bucket: str | None, prefix: str) -> tuple[int, list[str]]:
+        """Flush every other node (those taken as down too: they may be back): how many
+        objects were pending at them, and the nodes that could not be asked."""
+        if not self.enabled:
+            return 0, []
+        body: dict[str, object] | None = None
+        if bucket is not None:
+            body = {"bucket": bucket, "prefix": prefix}
+        nodes = [node for node in self._nodes if node != self.self_url]
+        answers = await asyncio.gather(
+            *(self._post_and_wait(node, "flush", body) for node in nodes)
+        )
+        flushed = 0
+        unreachable = []
+        for node, answer in zip(nodes, answers, strict=True):
+            if answer is None:
+                unreachable.append(node)
+            elif isinstance(count := answer.get("flushed"), int):
+                flushed += count
+        return flushed, unreachable
+
+    async def _post_and_wait(
+        self, node: str, name: str, body: dict[str, object] | None
+    ) -> dict[str, object] | None:
+        """POST /_s3cache/peer/NAME at a node and wait for its JSON answer, however long
+        it takes; None (logged) if the node cannot be asked."""
+        assert self._session is not None
+        target = f"/_s3cache/peer/{name}"
+        try:
+            async with self._session.post(
+                node + target,
+                json=body,
+                headers={PEER_HEADER: self.sign("POST", target)},
+                timeout=self._waiting,
+            ) as response:
+                if response.status == 200:
+                    answer = await response.json()
+                    return answer if isinstance(answer, dict) else {}
+                log.warning("peer %s answered %s to %s", node, response.status, name)
+        except (TimeoutError, aiohttp.ClientError, OSError, ValueError) as exc:
+            log.warning("peer %s could not be asked to %s: %s", node, name, exc)
+        return None
 
     async def invalidate(self, bucket: str, keys: list[str]) -> None:
         """Tell each key's owner that a write changed it."""

@@ -402,6 +402,10 @@ class Writer:
             )
         return waiting
 
+    def pending(self, bucket: str, key: str) -> bool:
+        """Whether a write-back of the key is not upstream yet."""
+        return any(p.bucket == bucket and p.key == key for p in self._pending.values())
+
     async def settle(self, bucket: str, key: str) -> None:
         """Wait until the key has no write-back pending: a write of it other than a
         write-back goes to the upstream after those (last write wins there too)."""

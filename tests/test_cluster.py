@@ -4,7 +4,9 @@ a node that stops is routed around, and gets its keys back when it returns."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import os
 import threading
@@ -20,15 +22,18 @@ import pytest
 
 from s3cache.hashing import ranked
 from s3cache.sandbox.proxy import S3CacheProcess, free_port
-from s3cache.sandbox.relay import Relay
+from s3cache.sandbox.relay import Fault, Relay
 from s3cache.sandbox.seaweed import SeaweedS3
 from tests.cached_proxy import BLOCK, _client
+from tests.sigv4_streaming import Keys, send, signed_streaming_put
 
 SECRET = "cluster-secret-for-tests"
 
 
 class Nodes:
-    def __init__(self, tmp_path: Path, upstream: SeaweedS3, relay: Relay) -> None:
+    def __init__(
+        self, tmp_path: Path, upstream: SeaweedS3, relay: Relay, extra: tuple[str, ...] = ()
+    ) -> None:
         self.nodes = [
             S3CacheProcess(tmp_path / f"node{i}", upstream, upstream_endpoint=relay.endpoint_url)
             for i in range(3)
@@ -46,6 +51,7 @@ class Nodes:
                 "1s",
                 "--block-size",
                 str(BLOCK),
+                *extra,
             ]
         self.clients = [_client(node.endpoint_url, upstream) for node in self.nodes]
 
@@ -56,8 +62,22 @@ class Nodes:
 
 @pytest.fixture
 def cluster(tmp_path: Path, upstream: SeaweedS3) -> Iterator[tuple[Nodes, Relay]]:
+    with _running(tmp_path, upstream) as running:
+        yield running
+
+
+@pytest.fixture
+def writing(tmp_path: Path, upstream: SeaweedS3, bucket: str) -> Iterator[tuple[Nodes, Relay]]:
+    """The cluster with write rules: write-through under through/, write-back under back/."""
+    rules = ("--write-rule", f"{bucket}/through/=through", "--write-rule", f"{bucket}/back/=back")
+    with _running(tmp_path, upstream, *rules, "--writeback-retry-max", "0.5s") as running:
+        yield running
+
+
+@contextlib.contextmanager
+def _running(tmp_path: Path, upstream: SeaweedS3, *extra: str) -> Iterator[tuple[Nodes, Relay]]:
     with Relay(upstream.endpoint_url) as relay:
-        nodes = Nodes(tmp_path, upstream, relay)
+        nodes = Nodes(tmp_path, upstream, relay, extra)
         for node in nodes.nodes:
             node.start()
         wait_until_all_see_each_other(nodes)
@@ -265,3 +285,169 @@ def test_rendezvous_moves_about_one_nth_of_the_keys() -> None:
     grown = {key: ranked(key, [*nodes, "http://node5:8080"])[0] for key in keys}
     moved = sum(1 for key in keys if before[key] != grown[key])
     assert abs(moved / len(keys) - 1 / 6) < 0.02
+
+
+# --- writes: handled where the key's owner is ----------------------------------------
+
+
+def stats_of(node: S3CacheProcess) -> dict[str, Any]:
+    with urllib.request.urlopen(f"{node.endpoint_url}/_s3cache/stats") as answer:
+        data: dict[str, Any] = json.load(answer)
+        return data
+
+
+def flush_at(node: S3CacheProcess, bucket: str, prefix: str) -> tuple[int, dict[str, Any]]:
+    body = json.dumps({"bucket": bucket, "prefix": prefix}).encode()
+    request = urllib.request.Request(f"{node.endpoint_url}/_s3cache/flush", body, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=60) as answer:
+            return answer.status, json.load(answer)
+    except urllib.error.HTTPError as exc:
+        with exc:
+            return exc.code, json.load(exc)
+
+
+def owned_by(nodes: Nodes, bucket: str, prefix: str, owner: int) -> str:
+    """A key under ``prefix`` that node ``owner`` owns."""
+    return next(
+        f"{prefix}{n}" for n in range(1000) if nodes.owner_index(bucket, f"{prefix}{n}") == owner
+    )
+
+
+def multipart_upload(client: Any, bucket: str, key: str, body: bytes) -> None:
+    from boto3.s3.transfer import TransferConfig
+
+    config = TransferConfig(multipart_threshold=5 * 2**20, multipart_chunksize=5 * 2**20)
+    client.upload_fileobj(io.BytesIO(body), bucket, key, Config=config)
+
+
+@pytest.mark.parametrize("mode", ["through", "back"])
+def test_writes_through_a_non_owner_are_handled_at_the_owner(
+    writing: tuple[Nodes, Relay], upstream: SeaweedS3, bucket: str, mode: str
+) -> None:
+    """A PUT and a multipart upload sent to a node that does not own the key: the owner
+    applies its write mode (the cache filled, or the write journaled and acknowledged
+    before the upstream has it); the next GET through any node takes 0 upstream GETs;
+    a flush at a third node returns once the owner's uploads are upstream."""
+    nodes, relay = writing
+    direct = upstream.client()
+    owner = 1
+    sender, third = nodes.clients[2], nodes.nodes[0]
+    small = owned_by(nodes, bucket, f"{mode}/s", owner)
+    big = owned_by(nodes, bucket, f"{mode}/b", owner)
+    bodies = {small: os.urandom(3 * BLOCK + 5), big: os.urandom(12 * 2**20 + 7)}
+    if mode == "back":
+        relay.fault = Fault(status=503, match_method="PUT")  # the upstream refuses uploads
+    answer = sender.put_object(Bucket=bucket, Key=small, Body=bodies[small])
+    assert answer["ETag"] == f'"{hashlib.md5(bodies[small]).hexdigest()}"'
+    multipart_upload(sender, bucket, big, bodies[big])
+    writes = [stats_of(node)["writeback"]["writes"] for node in nodes.nodes]
+    assert writes[owner] == {mode: 2} and writes[0] == writes[2] == {}
+    if mode == "back":
+        assert stats_of(nodes.nodes[owner])["writeback"]["pending_objects"] == 2
+        with pytest.raises(Exception, match="404|Not Found"):
+            direct.head_object(Bucket=bucket, Key=small)
+    relay.reset()
+    for client in nodes.clients:  # read-after-write through every node, from the owner
+        for key, body in bodies.items():
+            assert read(client, bucket, key) == body
+    assert relay.count("GET") == 0
+    threading.Timer(1.0, lambda: setattr(relay, "fault", None)).start()
+    status, flushed = flush_at(third, bucket, f"{mode}/")
+    assert status == 200 and flushed["unreachable_nodes"] == []
+    assert flushed["flushed"] == (2 if mode == "back" else 0)
+    for key, body in bodies.items():  # upstream when flush returned
+        assert direct.get_object(Bucket=bucket, Key=key)["Body"].read() == body
+    assert not direct.list_multipart_uploads(Bucket=bucket).get("Uploads")
+    direct.close()
+
+
+def test_a_signed_streaming_write_is_checked_where_it_arrives(
+    writing: tuple[Nodes, Relay], upstream: SeaweedS3, bucket: str
+) -> None:
+    """aws-chunked with chunk signatures: the node the client reached checks every chunk
+    and passes the owner the decoded body. A bad chunk signature is refused (403), and
+    the owner acknowledges nothing."""
+    nodes, _ = writing
+    keys = Keys(upstream.access_key, upstream.secret_key, upstream.region)
+    key = owned_by(nodes, bucket, "back/signed", 1)
+    sender = nodes.nodes[0]
+    port = int(sender.endpoint_url.rsplit(":", 1)[1])
+    path = f"/{bucket}/{key}"
+    good = os.urandom(200 * 1024)
+    headers, body = signed_streaming_put(sender.endpoint_url, path, good, keys)
+    answer = send(port, "PUT", path, headers, body)
+    assert answer.status == 200, answer.body
+    etag = {name.lower(): value for name, value in answer.headers.items()}["etag"]
+    assert etag == f'"{hashlib.md5(good).hexdigest()}"'
+    bad_payload = os.urandom(200 * 1024)
+    headers, body = signed_streaming_put(sender.endpoint_url, path, bad_payload, keys)
+    tampered = body.replace(bad_payload[70_000:70_010], bytes(10), 1)  # 2nd chunk's data
+    refused = send(port, "PUT", path, headers, tampered)
+    assert refused.status == 403 and b"SignatureDoesNotMatch" in refused.body
+    writes = stats_of(nodes.nodes[1])["writeback"]
+    assert writes["writes"] == {"back": 1}  # the good one only
+    for client in nodes.clients:
+        assert read(client, bucket, key) == good
+    status, _ = flush_at(sender, bucket, "back/")
+    assert status == 200
+    direct = upstream.client()
+    assert direct.get_object(Bucket=bucket, Key=key)["Body"].read() == good
+    direct.close()
+
+
+def test_deletes_through_any_node_go_upstream_after_the_pending_write_back(
+    writing: tuple[Nodes, Relay], upstream: SeaweedS3, bucket: str
+) -> None:
+    """A write-back pending at its owner, then a DeleteObject and a DeleteObjects of it
+    through other nodes: the deletes reach the upstream after the upload (not before,
+    which the upload would then undo), and no node serves the key afterwards."""
+    nodes, relay = writing
+    one, many = owned_by(nodes, bucket, "back/one", 1), owned_by(nodes, bucket, "back/many", 2)
+    relay.fault = Fault(status=503, match_method="PUT")
+    nodes.clients[0].put_object(Bucket=bucket, Key=one, Body=b"1" * 5000)
+    nodes.clients[0].put_object(Bucket=bucket, Key=many, Body=b"2" * 5000)
+    threading.Timer(1.0, lambda: setattr(relay, "fault", None)).start()
+    nodes.clients[0].delete_object(Bucket=bucket, Key=one)  # its owner is node 1
+    deleted = nodes.clients[0].delete_objects(
+        Bucket=bucket, Delete={"Objects": [{"Key": many}, {"Key": "back/other"}]}
+    )
+    assert {item["Key"] for item in deleted["Deleted"]} == {many, "back/other"}
+    time.sleep(0.5)  # the relay records an exchange just after relaying it
+    records = [(r.method, r.status, r.target.rstrip("=")) for r in relay.records()]
+    assert records.index(("PUT", 200, f"/{bucket}/{one}")) < records.index(
+        ("DELETE", 204, f"/{bucket}/{one}")
+    ), records
+    assert records.index(("PUT", 200, f"/{bucket}/{many}")) < records.index(
+        ("POST", 200, f"/{bucket}?delete")
+    ), records
+    direct = upstream.client()
+    for key in (one, many):
+        with pytest.raises(Exception, match="404|Not Found"):
+            direct.head_object(Bucket=bucket, Key=key)
+        for client in nodes.clients:
+            with pytest.raises(Exception, match="NoSuchKey"):
+                client.get_object(Bucket=bucket, Key=key)
+    assert all(stats_of(node)["writeback"]["pending_objects"] == 0 for node in nodes.nodes)
+    direct.close()
+
+
+def test_a_write_whose_owner_is_down_goes_to_the_next_node(
+    writing: tuple[Nodes, Relay], bucket: str
+) -> None:
+    nodes, relay = writing
+    urls = [node.endpoint_url for node in nodes.nodes]
+    key = owned_by(nodes, bucket, "through/x", 2)
+    successor = urls.index(ranked(f"{bucket}/{key}", urls)[1])
+    sender = next(n for n in (0, 1) if n != successor)
+    nodes.nodes[2].stop()
+    body = os.urandom(2 * BLOCK)
+    nodes.clients[sender].put_object(Bucket=bucket, Key=key, Body=body)
+    assert stats_of(nodes.nodes[successor])["writeback"]["writes"] == {"through": 1}
+    relay.reset()
+    for client in nodes.clients[:2]:
+        assert read(client, bucket, key) == body
+    assert relay.count("GET") == 0
+    # A flush cannot tell what the stopped node holds: it says so.
+    status, answer = flush_at(nodes.nodes[sender], bucket, "")
+    assert status == 503 and answer["unreachable_nodes"] == [urls[2]]

@@ -10,7 +10,11 @@ GET  jobs               warm jobs and their progress
 GET  jobs/ID            one job
 DELETE jobs/ID          cancel it
 POST manifest           an epoch's read order: {"bucket", "keys": [key | [key, start, end]]}
-POST flush              wait until every write-back object (under {"bucket", "prefix"}) is upstream
+POST flush              wait until every write-back object (under {"bucket", "prefix"}) is upstream,
+                        at every node of the cluster
+
+Peer requests (signed with the cluster secret): POST peer/invalidate, peer/settle (wait
+until some keys have no write-back pending here), peer/flush (this node's part of a flush).
 """
 
 from __future__ import annotations
@@ -62,12 +66,8 @@ OBSERVING = frozenset({"stats", "metrics"})  # open unless admin_open_metrics is
 async def handle_admin(request: web.Request, name: str) -> web.StreamResponse:
     app = request.app
     method = request.method
-    if name == "peer/invalidate" and method == "POST" and app[CLUSTER].verify(request):
-        change = await _json_body(request)
-        keys = [key for key in change.get("keys", []) if isinstance(key, str)]
-        for key in keys:
-            await app[FILLER].invalidate(change["bucket"], key)
-        return web.json_response({"invalidated": len(keys)})
+    if name.startswith("peer/") and method == "POST" and app[CLUSTER].verify(request):
+        return await _peer(request, name.removeprefix("peer/"))
     hub = app.get(HUB)
     if name == "worker/channel" and hub is not None and VIA_WORKER in request:
         return await hub.channel(request, request[VIA_WORKER])
@@ -154,17 +154,53 @@ def _job(request: web.Request, job_id: str) -> web.StreamResponse:
     return web.json_response(job.as_dict())
 
 
+async def _peer(request: web.Request, name: str) -> web.StreamResponse:
+    """What another node of the cluster asks of this one."""
+    app = request.app
+    if name == "flush":
+        bucket, prefix = await _flush_target(request)
+        return web.json_response({"flushed": await app[WRITER].flush(bucket, prefix)})
+    change = await _json_body(request)
+    keys = [key for key in change.get("keys", []) if isinstance(key, str)]
+    if name == "invalidate":
+        for key in keys:
+            # A write-back here not yet upstream is newer than the write that changed the
+            # key elsewhere (a DeleteObjects waited for those before: peer/settle): kept.
+            if not app[WRITER].pending(change["bucket"], key):
+                await app[FILLER].invalidate(change["bucket"], key)
+        return web.json_response({"invalidated": len(keys)})
+    if name == "settle":
+        for key in keys:
+            await app[WRITER].settle(change["bucket"], key)
+        return web.json_response({"settled": len(keys)})
+    raise NoSuchKey("No such s3cache peer endpoint.", resource=request.path)
+
+
+async def _flush_target(request: web.Request) -> tuple[str | None, str]:
+    """The bucket and prefix of a flush (no body: every bucket)."""
+    if not request.can_read_body:
+        return None, ""
+    body = await _json_body(request)
+    prefix = body.get("prefix", "")
+    if not isinstance(prefix, str):
+        raise InvalidArgument('"prefix" must be a string')
+    return body["bucket"], prefix
+
+
 async def _flush(request: web.Request) -> web.StreamResponse:
     """Answer once every write-back object under the bucket/prefix (or everywhere, with
-    no body) is upstream: the barrier a training script calls before it exits."""
-    bucket, prefix = None, ""
-    if request.can_read_body:
-        body = await _json_body(request)
-        bucket, prefix = body["bucket"], body.get("prefix", "")
-        if not isinstance(prefix, str):
-            raise InvalidArgument('"prefix" must be a string')
-    flushed = await request.app[WRITER].flush(bucket, prefix)
-    return web.json_response({"flushed": flushed, "writeback": request.app[WRITER].stats()})
+    no body) is upstream, at this node and every other node of the cluster: the barrier
+    a training script calls before it exits. 503 if a node could not be asked (what it
+    holds may not be upstream)."""
+    app = request.app
+    bucket, prefix = await _flush_target(request)
+    here, (there, unreachable) = await asyncio.gather(
+        app[WRITER].flush(bucket, prefix), app[CLUSTER].flush(bucket, prefix)
+    )
+    answer: dict[str, object] = {"flushed": here + there, "writeback": app[WRITER].stats()}
+    if app[CLUSTER].enabled:
+        answer["unreachable_nodes"] = unreachable
+    return web.json_response(answer, status=503 if unreachable else 200)
 
 
 async def _submit_manifest(request: web.Request) -> web.StreamResponse:

@@ -71,6 +71,10 @@ async def handle(request: web.Request) -> web.StreamResponse:
         request[KEY_ID] = key.access_key
     else:
         request[KEY_ID] = app[AUTH].authorize(request, address)
+    if not from_peer and _written_at_owner(request, address):
+        written = await _write_at_owner(request, address)
+        if written is not None:
+            return written
     if Reader.cacheable(request, address):
         assert address.bucket is not None and address.key is not None
         owner = None if from_peer else cluster.owner(address.bucket, address.key)
@@ -98,8 +102,15 @@ async def forward_write(
     assert address.bucket is not None
     bucket = address.bucket
     writer = app[WRITER]
+    copy_source = request.headers.get("x-amz-copy-source")
+    source = None
+    if copy_source is not None and address.key is not None and request.method == "PUT":
+        # A copy (CopyObject, UploadPartCopy) reads its source at the upstream: after the
+        # source's pending write-back, at whichever node of the cluster it is.
+        source = copy_source_of(copy_source)
+        await _settle(app, source[0], [source[1]])
     if request[OPERATION] is Operation.PUT_OBJECT and address.key is not None:
-        mode = _write_mode(app, bucket, address.key)
+        mode = writer.mode(bucket, address.key)
         if mode != AROUND:
             key = address.key
 
@@ -111,7 +122,7 @@ async def forward_write(
     multipart = app[MULTIPART]
     if request[OPERATION] is Operation.MULTIPART and address.key is not None:
         key = address.key
-        mode = _write_mode(app, bucket, key)
+        mode = writer.mode(bucket, key)
         if multipart.handles(request, address) and (mode != AROUND or address.param("uploadId")):
 
             async def changed_by_upload() -> None:
@@ -119,30 +130,26 @@ async def forward_write(
                 await _invalidate(app, bucket, [key])
 
             return await multipart.handle(request, address, mode, changed_by_upload)
-    copy_source = request.headers.get("x-amz-copy-source")
-    if copy_source is not None and address.key is not None and request.method == "PUT":
-        # The copy reads its source at the upstream: after the source's pending write.
-        source = copy_source_of(copy_source)
-        await writer.settle(*source)
-        if request[OPERATION] is Operation.COPY_OBJECT:
-            key = address.key
-            mode = _write_mode(app, bucket, key)
-            if mode != AROUND:
+    if source is not None and request[OPERATION] is Operation.COPY_OBJECT:
+        assert address.key is not None
+        key = address.key
+        if writer.mode(bucket, key) != AROUND:
 
-                async def copied() -> None:
-                    app[LISTINGS].invalidate(bucket)
-                    await _invalidate(app, bucket, [key])
+            async def copied() -> None:
+                app[LISTINGS].invalidate(bucket)
+                await _invalidate(app, bucket, [key])
 
-                return await writer.copy(request, address, source, copied)
+            return await writer.copy(request, address, source, copied)
     # A quiet DeleteObjects answer names no key: take them from the request too.
     requested = deleted_keys(delete_body) if delete_body is not None else []
-    # Any other write of a key with a write-back pending goes upstream after it.
-    for key in [address.key] if address.key is not None else requested:
-        await writer.settle(bucket, key)
+    # Any other write of a key with a write-back pending goes upstream after it (a
+    # DeleteObjects after those of every key it names, at their owners).
+    await _settle(app, bucket, [address.key] if address.key is not None else requested)
     response = await send_upstream(request, address, app[UPSTREAM], body=delete_body)
     async with response:
         if response.status >= 300:
             return await relay_response(request, response)
+        writer.bucket_exists(bucket)
         app[LISTINGS].invalidate(address.bucket)
         if address.key is not None:
             await _invalidate(app, address.bucket, [address.key])
@@ -156,12 +163,60 @@ async def forward_write(
         return await relay_response(request, response)
 
 
-def _write_mode(app: web.Application, bucket: str, key: str) -> str:
-    """The key's write mode here. In a cluster, only the key's owner caches its writes
-    (the node its reads go to); another node writes around (and the owner forgets it)."""
-    if app[CLUSTER].owner(bucket, key) is not None:
-        return AROUND
-    return app[WRITER].mode(bucket, key)
+# The writes of one key that its owner handles in a cluster (ListParts too: it is
+# about an upload that lives at the owner).
+_KEY_WRITES = frozenset(
+    {Operation.PUT_OBJECT, Operation.COPY_OBJECT, Operation.DELETE, Operation.MULTIPART}
+)
+
+
+def _written_at_owner(request: web.Request, address: S3Address) -> bool:
+    return address.key is not None and request[OPERATION] in _KEY_WRITES
+
+
+async def _write_at_owner(
+    request: web.Request, address: S3Address
+) -> web.StreamResponse | None:
+    """A write of one key, passed to its owner (to the next node in rendezvous order
+    while the owner cannot be connected to); None if this node is the one to handle
+    it. The owner applies its write mode, keeps the cache and orders the key's writes
+    (README, "Several nodes, one cache")."""
+    assert address.bucket is not None and address.key is not None
+    app = request.app
+    cluster = app[CLUSTER]
+    owner = cluster.owner(address.bucket, address.key)
+    if owner is None:
+        return None
+    # A write-back of the key still pending here (taken while the owner was down) goes
+    # upstream before this write.
+    await app[WRITER].settle(address.bucket, address.key)
+    while owner is not None:
+        response = await cluster.write_to(owner, request, address)
+        if response is None:
+            owner = cluster.owner(address.bucket, address.key)  # it is taken as down now
+            continue
+        async with response:
+            if response.status < 300:
+                # What this node still holds of the key (a copy it read while the owner
+                # was down) and its listings are stale now.
+                app[LISTINGS].invalidate(address.bucket)
+                await _forget_copy(app, address.bucket, address.key)
+            return await relay_response(request, response)
+    return None
+
+
+async def _settle(app: web.Application, bucket: str, keys: list[str]) -> None:
+    """Wait until none of ``keys`` has a write-back pending, here or at its owner."""
+    for key in keys:
+        await app[WRITER].settle(bucket, key)
+    await app[CLUSTER].settle(bucket, keys)
+
+
+async def _forget_copy(app: web.Application, bucket: str, key: str) -> None:
+    """Drop this node's cached copy of a key, unless it is a write-back not yet upstream
+    (that one is uploaded, in order, before anything newer of the key goes from here)."""
+    if not app[WRITER].pending(bucket, key):
+        await app[FILLER].invalidate(bucket, key)
 
 
 async def _invalidate(app: web.Application, bucket: str, keys: list[str]) -> None:
