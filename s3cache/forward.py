@@ -76,6 +76,7 @@ _SIGNED_STREAMING = (
     "STREAMING-AWS4-HMAC-SHA256-PAYLOAD-TRAILER",
 )
 _BODY_PIECE = 256 * 1024
+_THREAD_HASHED = 64 * 1024  # pieces at least this big are hashed off the loop
 DEFAULT_BODY_TIMEOUT = 60.0
 
 # Set on a request by the server's authentication: who signed it and what its body
@@ -220,7 +221,8 @@ async def _pieces(request: web.Request, stall_limit: float) -> AsyncIterator[byt
     RequestTimeout (a slow client cannot hold a connection forever)."""
     while True:
         try:
-            chunk = await asyncio.wait_for(request.content.read(_BODY_PIECE), stall_limit)
+            async with asyncio.timeout(stall_limit):  # (no task per piece, as wait_for)
+                chunk = await request.content.read(_BODY_PIECE)
         except TimeoutError as exc:
             raise RequestTimeout(
                 "Your socket connection to the server was not read from or written to "
@@ -236,18 +238,29 @@ async def _request_body(
 ) -> AsyncIterator[bytes]:
     """The body as it came. With a signed payload hash, the last piece is held back until
     the whole body hashed right, so the upstream never stores a body that does not match
-    what the client signed."""
+    what the client signed. Large pieces are hashed in a worker thread (SHA-256 releases
+    the GIL) while the next one is read: the loop does not stop for it."""
     expected_length = request.content_length
     received = 0
     digest = hashlib.sha256() if expected_sha256 else None
+    hashing: asyncio.Future[None] | None = None
+    loop = asyncio.get_running_loop()
     held: bytes | None = None
     async for chunk in _pieces(request, stall_limit):
         received += len(chunk)
         if digest is not None:
-            digest.update(chunk)
+            if hashing is not None:
+                await hashing
+                hashing = None
+            if len(chunk) >= _THREAD_HASHED:
+                hashing = loop.run_in_executor(None, digest.update, chunk)
+            else:
+                digest.update(chunk)
         if held:
             yield held
         held = chunk
+    if hashing is not None:
+        await hashing
     if expected_length is not None and received != expected_length:
         raise IncompleteBody("The request body ended before its Content-Length")
     if digest is not None and digest.hexdigest() != expected_sha256:

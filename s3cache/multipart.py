@@ -1,10 +1,16 @@
 """Multipart uploads cached on the way (README, "Write modes"): write-through and
 write-back of CreateMultipartUpload / UploadPart / CompleteMultipartUpload.
 
-Each part's body is spooled to its own file (aiofiles) under ``spool/`` of the key's
-cache dir, with its MD5 (a part's ETag). On completion the parts named by the client
-are joined into a new cache file, block hashes computed on the way, and that file
-becomes the key's entry (``store.adopt``):
+Parts are spooled (``s3cache.spool``: MD5, the client's checksums and block hashes on
+the way) straight into the object's cache file where they will be in the object: the
+first part of at least 5 MiB that arrives sets the upload's stride (SDKs upload parts
+of one size: boto3, the AWS CLI and s3fs do), and part N of at most that size goes at
+(N-1) x stride of one shared file. On completion, when the parts named are numbered
+1..K and all but the last have the stride's size, that file is the object: nothing is
+copied; parts that were not in place (a part sent again, a first part smaller than the
+stride, a gap in the numbers) are copied into place (``copy_file_range``), and only
+when the sizes differ are the parts joined into a new file. The file becomes the key's
+entry (``store.adopt``):
 
 - ``through``: every request goes to the upstream as it came; the upload is tracked
   by the upstream's UploadId; once CompleteMultipartUpload succeeded (a 200 whose body
@@ -15,8 +21,10 @@ becomes the key's entry (``store.adopt``):
   fsyncs the object, commits its entry and journal row (with the part sizes and MD5s),
   and answers the ETag S3 will give: the MD5 of the parts' MD5s, ``-N``. The uploader
   sends it as a multipart upload with the same part boundaries, so that ETag is what the
-  upstream computes. Parts are not fsync'd: until completion nothing is acknowledged as
-  an object, and an upload that a crash interrupts is gone (its UploadId unknown).
+  upstream computes. A part is answered once spooled and its digests checked (its
+  Content-MD5 and checksum, as S3 checks them); parts are not fsync'd: until completion
+  nothing is acknowledged as an object, and an upload that a crash interrupts is gone
+  (its UploadId unknown; its file is an orphan the store's sweep removes).
 
 Over ``writeback_max`` at completion, a write-back upload is uploaded to the upstream
 there and then (its client waits, as for write-through); it never fails for that.
@@ -27,18 +35,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import itertools
 import logging
 import os
 import secrets
 import shutil
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from xml.sax.saxutils import escape
 
-import aiofiles
 import aiofiles.os
 import xxhash
 from aiohttp import web
@@ -55,11 +62,21 @@ from s3cache.errors import (
 from s3cache.forward import relay_response, response_headers, send_upstream, upstream_request
 from s3cache.metrics import UpstreamKind
 from s3cache.s3.addressing import S3Address
+from s3cache.spool import CHECKSUMS, Spool, checksum_headers, fsync_dir
 from s3cache.store import files
 from s3cache.store.cache import CacheStore, CacheWriteError
 from s3cache.store.entry import ObjectMeta
 from s3cache.upstream import Upstream
-from s3cache.writes import BACK, Changed, Joiner, Writer, promised_meta, replayed, xml_text
+from s3cache.writes import (
+    BACK,
+    Changed,
+    Joiner,
+    Writer,
+    body_length,
+    promised_meta,
+    replayed,
+    xml_text,
+)
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +94,11 @@ _PART_CHECKSUMS = frozenset({"x-amz-checksum-algorithm", "x-amz-checksum-type"})
 @dataclass(slots=True)
 class _Part:
     path: Path
+    offset: int  # where its bytes are in ``path``
     size: int
     md5: str  # hex
+    blocks: dict[int, int]  # xxh3-64 of the object's blocks it holds whole, if in place
+    shared: bool  # in the upload's shared file (else a file of its own)
 
 
 @dataclass(slots=True)
@@ -90,8 +110,13 @@ class _Upload:
     headers: tuple[tuple[str, str], ...]  # CreateMultipartUpload's, as forwarded
     content_type: str | None
     stored: tuple[tuple[str, str], ...]  # what a GET will answer with (metadata…)
-    dir: Path
+    dir: Path  # parts that are not in the shared file
     parts: dict[int, _Part] = field(default_factory=dict)
+    stride: int | None = None  # part N of at most this size goes at (N-1) x stride
+    shared: tuple[int, str, Path] | None = None  # the shared file: from store.new_file
+    writing: set[int] = field(default_factory=set)  # parts being written into it
+    completing: bool = False
+    quiet: asyncio.Event = field(default_factory=asyncio.Event)  # nothing being written
 
 
 class Multipart:
@@ -198,66 +223,116 @@ class Multipart:
         number_text = address.param("partNumber") or ""
         if not number_text.isdigit() or not 1 <= int(number_text) <= 10000:
             raise InvalidArgument("Part number must be an integer between 1 and 10000.")
+        if upload.completing:
+            raise InvalidRequest("The upload is being completed.")
         number = int(number_text)
+        checks = []
+        if upload.mode == BACK:
+            checks = checksum_headers(request.headers)
+            for name in request.headers:
+                lower = name.lower()
+                if lower.startswith("x-amz-checksum-") and not (
+                    lower in CHECKSUMS or lower in _PART_CHECKSUMS
+                ):
+                    raise InvalidRequest(f"{name} is not supported for a write-back upload.")
         headers, body = upstream_request(request)
-        await aiofiles.os.makedirs(upload.dir, exist_ok=True)
-        path = upload.dir / f"{number:05d}.{secrets.token_hex(4)}"
-        md5 = hashlib.md5()
-        size = 0
-        file = await aiofiles.open(path, "wb")
-        spooled = True
+        spool = await self._spool(upload, number, body_length(request), checks)
         answer: web.StreamResponse
-
-        async def tee() -> AsyncIterator[bytes]:
-            nonlocal size, spooled
-            assert body is not None
-            loop = asyncio.get_running_loop()
-            async for piece in body:
-                # MD5 (400 MB/s on a core, the GIL released) in a worker thread beside
-                # the write: parts arriving together hash on several cores.
-                digest = loop.run_in_executor(None, md5.update, piece)
-                if spooled:
-                    try:
-                        await file.write(piece)
-                    except OSError as exc:
-                        log.warning("spooling part %d of %s failed: %s", number, upload.id, exc)
-                        spooled = False
-                await digest
-                size += len(piece)
-                yield piece
-
         try:
             if upload.mode == BACK:
-                if body is not None:
-                    async for _ in tee():
-                        pass
-                await file.close()
-                if not spooled:
+                async for _ in spool.tee(body):
+                    pass
+                if not await spool.finish(durable=False):
                     raise CacheWriteError("cannot spool the part")
-                answer = web.Response(status=200, headers={"ETag": f'"{md5.hexdigest()}"'})
+                spool.check_digests(request)
+                kept = True
+                answer = web.Response(status=200, headers=self._part_answer(request, spool))
             else:
-                stream = tee() if body is not None else None
                 url = self._upstream.url(address.bucket, address.key, address.query)
                 response = await self._upstream.request(
-                    "PUT", url, headers, stream, kind=_FORWARD
+                    "PUT", url, headers, spool.tee(body) if body is not None else None,
+                    kind=_FORWARD,
                 )
                 async with response:
-                    await file.close()
-                    if response.status >= 300 or not spooled:
-                        spooled = False
+                    kept = await spool.finish(durable=False) and response.status < 300
                     answer = await relay_response(request, response)
         except BaseException:
-            with contextlib.suppress(OSError):
-                await file.close()
-            await _remove(path)
+            await self._drop(upload, number, spool)
             raise
+        if not kept:
+            await self._drop(upload, number, spool)
+            return answer
         old = upload.parts.pop(number, None)
-        if old is not None:
+        if old is not None and not old.shared:
             await _remove(old.path)
-        if spooled:
-            upload.parts[number] = _Part(path, size, md5.hexdigest())
+        upload.parts[number] = _Part(
+            spool.path, spool.offset, spool.size, spool.md5_hex, spool.blocks,
+            shared=self._is_shared(upload, spool),
+        )
+        self._written(upload, number, spool)
+        return answer
+
+    async def _spool(
+        self, upload: _Upload, number: int, length: int | None, checks: list[str]
+    ) -> Spool:
+        """Where part ``number`` is spooled: its place in the shared file if it can go
+        there, else a file of its own."""
+        block_size = self._store.block_size
+        if upload.stride is None and length is not None and length >= MIN_PART:
+            upload.stride = length
+        stride = upload.stride
+        if (
+            stride is not None
+            and length is not None
+            and length <= stride
+            and number not in upload.parts
+            and number not in upload.writing
+            and number * stride <= self._store.capacity
+        ):
+            try:
+                if upload.shared is None:
+                    upload.shared = self._store.new_file(upload.bucket, upload.key)
+                spool = Spool(
+                    upload.shared[2], block_size, offset=(number - 1) * stride, shared=True,
+                    checks=checks, limit=stride,
+                )
+                upload.writing.add(number)
+                upload.quiet.clear()
+                try:
+                    await spool.open()
+                except BaseException:
+                    self._written(upload, number, spool)
+                    raise
+                return spool
+            except (CacheWriteError, OSError) as exc:
+                log.warning("part %d of %s: not in place (%s)", number, upload.id, exc)
+        await aiofiles.os.makedirs(upload.dir, exist_ok=True)
+        path = upload.dir / f"{number:05d}.{secrets.token_hex(4)}"
+        spool = Spool(path, block_size, checks=checks)
+        await spool.open()
+        return spool
+
+    def _is_shared(self, upload: _Upload, spool: Spool) -> bool:
+        return upload.shared is not None and spool.path == upload.shared[2]
+
+    def _written(self, upload: _Upload, number: int, spool: Spool) -> None:
+        if self._is_shared(upload, spool):
+            upload.writing.discard(number)
+            if not upload.writing:
+                upload.quiet.set()
+
+    async def _drop(self, upload: _Upload, number: int, spool: Spool) -> None:
+        """A part that will not be kept."""
+        if self._is_shared(upload, spool):
+            await spool.close()
         else:
-            await _remove(path)
+            await spool.discard()
+        self._written(upload, number, spool)
+
+    def _part_answer(self, request: web.Request, spool: Spool) -> CIMultiDict[str]:
+        answer = CIMultiDict({"ETag": f'"{spool.md5_hex}"'})
+        for name in spool.checks:
+            answer[name] = request.headers[name]
         return answer
 
     # --- complete ----------------------------------------------------------------
@@ -282,17 +357,18 @@ class Multipart:
             headers=upload.stored,
         )
         sizes = tuple((part.size, part.md5) for part in parts)
-        if not self._writer.room_for(size):
-            sources = [(part.path, 0, part.size, part.md5) for part in parts]
-            await self._writer.upload_now(upload.bucket, upload.key, upload.headers, sources)
-            await changed()
+        try:
+            if not self._writer.room_for(size):
+                sources = [(part.path, part.offset, part.size, part.md5) for part in parts]
+                await self._writer.upload_now(upload.bucket, upload.key, upload.headers, sources)
+                await changed()
+            else:
+                await self._writer.keep_back(
+                    upload.bucket, upload.key, meta, upload.headers, sizes,
+                    self._assembler(upload, parts, durable=True), changed,
+                )
+        finally:
             await self._forget(upload)
-            return _complete_answer(upload, etag)
-        await self._writer.keep_back(
-            upload.bucket, upload.key, meta, upload.headers, sizes, self._join(upload, parts),
-            changed,
-        )
-        await self._forget(upload)
         return _complete_answer(upload, etag)
 
     def _chosen(self, upload: _Upload, listed: list[tuple[int, str]]) -> list[_Part]:
@@ -315,14 +391,54 @@ class Multipart:
             raise EntityTooSmall("Your proposed upload is smaller than the minimum allowed size")
         return parts
 
-    def _join(self, upload: _Upload, parts: list[_Part]) -> Joiner:
-        async def join(path: Path, block_size: int) -> dict[int, int]:
-            sources = [(part.path, part.size) for part in parts]
-            return await asyncio.get_running_loop().run_in_executor(
-                None, _join_files, sources, path, block_size
-            )
+    def _assembler(self, upload: _Upload, parts: list[_Part], *, durable: bool) -> Joiner:
+        """What makes the object's file of ``parts``: the shared file with the parts not
+        in place copied into it, or (part sizes that differ) a new file they are joined
+        into; block hashes of what was not hashed on the way; fsync'd if ``durable``."""
 
-        return join
+        async def assemble() -> tuple[tuple[int, str], Path, dict[int, int]]:
+            upload.completing = True  # no part goes into the shared file any more
+            await upload.quiet.wait() if upload.writing else None
+            stride = upload.stride
+            block_size = self._store.block_size
+            in_place = upload.shared is not None and all(
+                part.size == stride for part in parts[:-1]
+            )
+            if in_place:
+                assert upload.shared is not None and stride is not None
+                directory, name, target = upload.shared
+                upload.shared = None  # it is the object's now: _forget leaves it
+                offsets = [index * stride for index in range(len(parts))]
+            else:
+                directory, name, target = self._store.new_file(upload.bucket, upload.key)
+                offsets = list(itertools.accumulate((part.size for part in parts), initial=0))
+            moves = [
+                (part.path, part.offset, part.size, offset)
+                for part, offset in zip(parts, offsets, strict=False)
+                if not (part.shared and in_place and part.offset == offset)
+            ]
+            size = sum(part.size for part in parts)
+            blocks: dict[int, int] = {}
+            for part, offset in zip(parts, offsets, strict=False):
+                if part.shared and in_place and part.offset == offset:
+                    last = part is parts[-1]
+                    blocks.update(
+                        (index, value)
+                        for index, value in part.blocks.items()
+                        if last or (index + 1) * block_size <= offset + part.size
+                    )
+            try:
+                blocks = await asyncio.get_running_loop().run_in_executor(
+                    None, _assemble, target, moves, size, block_size, blocks, durable
+                )
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.remove(target)
+                self._store.release_file(name)
+                raise
+            return (directory, name), target, blocks
+
+        return assemble
 
     async def _complete_through(
         self,
@@ -341,19 +457,27 @@ class Multipart:
         if status == 200 and b"<Error>" not in answer:
             await changed()
             etag = xml_text(answer, "ETag")
-            with contextlib.suppress(InvalidPart, InvalidPartOrder, EntityTooSmall):
+            try:
                 parts = [upload.parts[number] for number, _ in listed if number in upload.parts]
                 if len(parts) == len(listed) and etag:
                     size = sum(part.size for part in parts)
                     await self._writer.keep_through(
-                        upload.bucket, upload.key, etag, size, self._join(upload, parts)
+                        upload.bucket, upload.key, etag, size,
+                        self._assembler(upload, parts, durable=False),
                     )
-            await self._forget(upload)
+            finally:
+                await self._forget(upload)
         return web.Response(status=status, headers=headers, body=answer)
 
     async def _forget(self, upload: _Upload) -> None:
         self._uploads.pop(upload.id, None)
-        await asyncio.get_running_loop().run_in_executor(None, shutil.rmtree, upload.dir, True)
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, shutil.rmtree, upload.dir, True)
+        if upload.shared is not None:
+            _, name, path = upload.shared
+            upload.shared = None
+            await _remove(path)
+            self._store.release_file(name)
 
 
 _FORWARD = UpstreamKind.FORWARD
@@ -372,47 +496,59 @@ async def _remove(path: Path) -> None:
         await aiofiles.os.remove(path)
 
 
-def _join_files(sources: list[tuple[Path, int]], target: Path, block_size: int) -> dict[int, int]:
-    """Write the parts one after the other into ``target``, fsync'd; the xxh3-64 of
-    every block. (One pass in a worker thread: read, hash, write.)"""
-    blocks: dict[int, int] = {}
-    hasher = xxhash.xxh3_64()
-    position = 0
+def _assemble(
+    target: Path,
+    moves: list[tuple[Path, int, int, int]],
+    size: int,
+    block_size: int,
+    blocks: dict[int, int],
+    durable: bool,
+) -> dict[int, int]:
+    """Copy each (file, offset, size) of ``moves`` to its offset in ``target`` (in
+    order: a part only ever moves to a lower offset of the same file, never over one
+    still to move), cut ``target`` to ``size``, hash the blocks ``blocks`` lacks; fsync
+    if ``durable``. Every block's xxh3-64."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    out = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    out = os.open(target, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
-        for path, size in sources:
-            with open(path, "rb", buffering=0) as source:
-                left = size
-                while left:
-                    piece = source.read(min(_JOIN_PIECE, left))
-                    if not piece:
-                        raise OSError(f"part file {path} ended early")
-                    left -= len(piece)
-                    view = memoryview(piece)
-                    while view:
-                        room = block_size - position % block_size
-                        chunk = view[:room]
-                        hasher.update(chunk)
-                        written = os.write(out, chunk)
-                        while written < len(chunk):
-                            written += os.write(out, chunk[written:])
-                        position += len(chunk)
-                        view = view[len(chunk) :]
-                        if position % block_size == 0:
-                            blocks[position // block_size - 1] = hasher.intdigest()
-                            hasher.reset()
-        if position % block_size:
-            blocks[position // block_size] = hasher.intdigest()
-        os.fsync(out)
+        for path, offset, length, to in moves:
+            source = out if path == target else os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                _copy_range(source, offset, out, to, length)
+            finally:
+                if source != out:
+                    os.close(source)
+        os.ftruncate(out, size)
+        hashed = dict(blocks)
+        for index in range((size + block_size - 1) // block_size):
+            if index not in hashed:
+                start = index * block_size
+                hashed[index] = xxhash.xxh3_64_intdigest(
+                    os.pread(out, min(block_size, size - start), start)
+                )
+        if durable:
+            os.fsync(out)
     finally:
         os.close(out)
-    directory = os.open(target.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
-    return blocks
+    if durable:
+        fsync_dir(target)
+    return hashed
+
+
+def _copy_range(source: int, offset: int, target: int, to: int, length: int) -> None:
+    """``length`` bytes from ``offset`` of ``source`` to ``to`` of ``target``, in the
+    kernel where it can (copy_file_range), else through a buffer."""
+    while length:
+        try:
+            copied = os.copy_file_range(source, target, min(length, _JOIN_PIECE), offset, to)
+        except OSError:
+            copied = 0
+        if copied <= 0:
+            piece = os.pread(source, min(length, _JOIN_PIECE), offset)
+            if not piece:
+                raise OSError("a part's file ended early")
+            copied = os.pwrite(target, piece, to)
+        offset, to, length = offset + copied, to + copied, length - copied
 
 
 def _multipart_etag(md5s: list[str]) -> str:

@@ -28,8 +28,8 @@ The cap: pending bytes (and spools of write-backs in progress) stay within
 one that cannot be promised exactly (conditional or SSE-C headers, a checksum or
 Content-MD5 of the client's, a body of unknown length).
 
-Spool files are written with aiofiles (one executor hop per piece, as every file
-write here is off the loop); the uploads read them back the same way.
+Bodies are spooled by ``s3cache.spool`` (aiofiles writes, hashes in a worker thread);
+the uploads read them back with aiofiles.
 """
 
 from __future__ import annotations
@@ -44,22 +44,19 @@ import os
 import random
 import time
 import xml.etree.ElementTree as ET
-import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
 from xml.sax.saxutils import escape
 
 import aiofiles
 import aiofiles.os
 import aiohttp
-import xxhash
 from aiohttp import web
 from multidict import CIMultiDict
 
 from s3cache.config import Settings
-from s3cache.errors import BadDigest, NoSuchBucket, ServiceUnavailable
+from s3cache.errors import NoSuchBucket, ServiceUnavailable
 from s3cache.fill import Filler
 from s3cache.forward import relay_response, response_headers, send_upstream, upstream_request
 from s3cache.listing import Listed
@@ -76,6 +73,7 @@ from s3cache.metrics import (
 )
 from s3cache.s3.addressing import S3Address
 from s3cache.s3.objectmeta import Verdict, check_answer
+from s3cache.spool import CHECKSUMS, Spool, checksum_headers
 from s3cache.store.cache import CacheStore, CacheWriteError
 from s3cache.store.entry import ObjectMeta
 from s3cache.store.index import PendingRow
@@ -93,13 +91,6 @@ _STORED_ALSO = ("expires", "x-amz-website-redirect-location")
 # What a write-back cannot promise exactly, or must not store before the upstream
 # checked it: conditional writes, customer keys, the client's own integrity checks.
 _NOT_BACK = ("if-match", "if-none-match", "x-amz-server-side-encryption-customer-")
-# Checksums a write-back checks itself before it answers (the upstream checks them
-# again at the upload); a request with another one is done write-through.
-_CHECKSUMS: dict[str, Callable[[], _Digest]] = {
-    "x-amz-checksum-crc32": lambda: _Crc32(),
-    "x-amz-checksum-sha1": lambda: hashlib.sha1(),
-    "x-amz-checksum-sha256": lambda: hashlib.sha256(),
-}
 _BUFFERED = "STREAMING-UNSIGNED-PAYLOAD-TRAILER"  # aws-chunked as it came: not the object
 # A write-back is acknowledged only if its bucket may exist upstream (else it could never
 # be uploaded): a bucket not known to exist is asked for with one HeadBucket, answered in
@@ -109,28 +100,11 @@ BUCKET_CHECK_TIMEOUT = 5.0
 
 # What the server does once a key has changed (drops it elsewhere, listings).
 Changed = Callable[[], Awaitable[None]]
-# Writes an object's bytes into a new cache file at a path; its block hashes.
-Joiner = Callable[[Path, int], Awaitable[dict[int, int]]]
+# Makes a complete cache file of an object's bytes: its place (from
+# ``CacheStore.new_file``), its path and its block hashes.
+Joiner = Callable[[], Awaitable[tuple[tuple[int, str], Path, dict[int, int]]]]
 # Bytes to upload: a file, an offset in it, a size, their MD5 (hex).
 Source = tuple[Path, int, int, str]
-
-
-class _Digest(Protocol):
-    def update(self, data: bytes, /) -> None: ...
-    def digest(self) -> bytes: ...
-
-
-class _Crc32:
-    """zlib's CRC-32 as S3 checksums it (big-endian, base64)."""
-
-    def __init__(self) -> None:
-        self._value = 0
-
-    def update(self, data: bytes, /) -> None:
-        self._value = zlib.crc32(data, self._value)
-
-    def digest(self) -> bytes:
-        return self._value.to_bytes(4, "big")
 
 
 @dataclass(slots=True)
@@ -156,114 +130,6 @@ class Pending:
             row.seq, row.entry_id, row.bucket, row.key, row.size, row.etag, row.headers,
             row.acknowledged_at, parts=row.parts,
         )
-
-
-class Spool:
-    """A client's body written into a new cache file as it arrives, hashed block by
-    block (xxh3-64, as a fill records blocks) and whole (MD5: the ETag of a single
-    PUT). A write that fails (disk full) stops the spooling, not the upload."""
-
-    def __init__(self, store: CacheStore, bucket: str, key: str) -> None:
-        directory, self.name, self.path = store.new_file(bucket, key)
-        self.dir = directory
-        self._block_size = store.block_size
-        self.blocks: dict[int, int] = {}
-        self.size = 0
-        self.failed = False
-        self._md5 = hashlib.md5()
-        self._block = xxhash.xxh3_64()
-        self.checks: dict[str, _Digest] = {}  # the client's checksum headers, checked
-        self._file: aiofiles.threadpool.binary.AsyncBufferedIOBase | None = None
-
-    async def open(self) -> None:
-        await aiofiles.os.makedirs(self.path.parent, exist_ok=True)
-        self._file = await aiofiles.open(self.path, "wb")
-
-    async def write(self, data: bytes) -> None:
-        if self.failed or self._file is None:
-            return
-        # The MD5 (400 MB/s on a core; hashlib releases the GIL) in a worker thread
-        # beside the write, so that uploads arriving together hash on several cores.
-        digest = asyncio.get_running_loop().run_in_executor(None, self._md5.update, data)
-        try:
-            await self._file.write(data)
-        except OSError as exc:
-            log.warning("write spool %s failed: %s (not cached)", self.path, exc)
-            self.failed = True
-            await digest
-            return
-        await digest
-        for check in self.checks.values():
-            check.update(data)
-        view = memoryview(data)
-        while view:
-            room = self._block_size - self.size % self._block_size
-            piece = view[:room]
-            self._block.update(piece)
-            self.size += len(piece)
-            view = view[len(piece) :]
-            if self.size % self._block_size == 0:
-                self._end_block()
-
-    def _end_block(self) -> None:
-        self.blocks[(self.size - 1) // self._block_size] = self._block.intdigest()
-        self._block.reset()
-
-    @property
-    def etag(self) -> str:
-        return f'"{self._md5.hexdigest()}"'
-
-    @property
-    def md5_base64(self) -> str:
-        return base64.b64encode(self._md5.digest()).decode()
-
-    async def finish(self, *, durable: bool) -> bool:
-        """Close the file (its bytes and its directory entry fsync'd if ``durable``);
-        False if it is not a complete copy."""
-        if self._file is None:
-            return False
-        if self.size % self._block_size:
-            self._end_block()
-        file, self._file = self._file, None
-        try:
-            await file.flush()
-            if durable:
-                await asyncio.get_running_loop().run_in_executor(None, _fsync, file.fileno())
-            await file.close()
-            if durable:
-                await asyncio.get_running_loop().run_in_executor(None, _fsync_dir, self.path)
-        except OSError as exc:
-            log.warning("write spool %s failed: %s (not cached)", self.path, exc)
-            self.failed = True
-        return not self.failed
-
-    def check_digests(self, request: web.Request) -> None:
-        """The body against the client's Content-MD5 and checksum headers (BadDigest)."""
-        md5 = request.headers.get("Content-MD5")
-        if md5 is not None and md5 != self.md5_base64:
-            raise BadDigest("The Content-MD5 you specified did not match what we received.")
-        for name, digest in self.checks.items():
-            if request.headers.get(name) != base64.b64encode(digest.digest()).decode():
-                algorithm = name.removeprefix("x-amz-checksum-").upper()
-                raise BadDigest(
-                    f"The {algorithm} you specified did not match the calculated checksum."
-                )
-
-    async def discard(self) -> None:
-        if self._file is not None:
-            file, self._file = self._file, None
-            with contextlib.suppress(OSError):
-                await file.close()
-        with contextlib.suppress(OSError):
-            await aiofiles.os.remove(self.path)
-
-    async def tee(self, body: AsyncIterator[bytes] | None) -> AsyncIterator[bytes]:
-        """The body as it goes to the upstream, spooled on the way."""
-        if body is None:
-            return
-        async for piece in body:
-            await self.write(piece)
-            yield piece
 
 
 class UploadFailed(ServiceUnavailable):
@@ -472,7 +338,7 @@ class Writer:
         does once the key has changed (invalidation elsewhere, listings)."""
         assert address.bucket is not None and address.key is not None
         if mode == BACK:
-            length = _body_length(request)
+            length = body_length(request)
             if self._promisable(request, length):
                 assert length is not None
                 await self.check_bucket(address.bucket)
@@ -495,15 +361,24 @@ class Writer:
             lower = name.lower()
             if lower.startswith(_NOT_BACK):
                 return False
-            if lower.startswith("x-amz-checksum-") and lower not in _CHECKSUMS:
+            if lower.startswith("x-amz-checksum-") and lower not in CHECKSUMS:
                 return False
         return self.pending_bytes + self._spooling + length <= self._max
 
-    async def _new_spool(self, bucket: str, key: str, length: int | None) -> Spool | None:
+    async def _discard(self, spool: Spool) -> None:
+        await spool.discard()
+        if spool.place is not None:
+            self._store.release_file(spool.place[1])
+
+    async def _new_spool(
+        self, bucket: str, key: str, length: int | None, checks: list[str] | None = None
+    ) -> Spool | None:
         if request_too_big(length, self._store.capacity):
             return None
+        checks = checks or []
         try:
-            spool = Spool(self._store, bucket, key)
+            directory, name, path = self._store.new_file(bucket, key)
+            spool = Spool(path, self._store.block_size, place=(directory, name), checks=checks)
             await spool.open()
         except (CacheWriteError, OSError) as exc:
             log.warning("not caching the upload of s3://%s/%s: %s", bucket, key, exc)
@@ -518,7 +393,7 @@ class Writer:
         self._count(THROUGH)
         headers, body = upstream_request(request)
         buffered = request.headers.get("x-amz-content-sha256") == _BUFFERED
-        spool = None if buffered else await self._new_spool(bucket, key, _body_length(request))
+        spool = None if buffered else await self._new_spool(bucket, key, body_length(request))
         stream = spool.tee(body) if spool is not None and body is not None else body
         url = self._upstream.url(bucket, key, address.query)
         try:
@@ -527,12 +402,12 @@ class Writer:
             )
         except BaseException:
             if spool is not None:
-                await spool.discard()
+                await self._discard(spool)
             raise
         async with response:
             if response.status >= 300:
                 if spool is not None:
-                    await spool.discard()
+                    await self._discard(spool)
                 return await relay_response(request, response)
             await changed()
             if spool is not None:
@@ -548,14 +423,15 @@ class Writer:
         complete = await spool.finish(durable=False)
         meta = await self._head(bucket, key, etag) if complete and etag else None
         if meta is None or meta.size != spool.size:
-            await spool.discard()
+            await self._discard(spool)
             return
         try:
             await self._filler.invalidate(bucket, key)
-            await self._store.adopt(bucket, key, meta, (spool.dir, spool.name), spool.blocks)
+            assert spool.place is not None
+            await self._store.adopt(bucket, key, meta, spool.place, spool.blocks)
         except CacheWriteError as exc:
             log.warning("not caching the upload of s3://%s/%s: %s", bucket, key, exc)
-            await spool.discard()
+            await self._discard(spool)
 
     async def _head(self, bucket: str, key: str, etag: str | None) -> ObjectMeta | None:
         """The object's metadata as the upstream describes it now (None if it is not
@@ -588,16 +464,13 @@ class Writer:
     ) -> web.StreamResponse:
         assert address.bucket is not None and address.key is not None
         bucket, key = address.bucket, address.key
-        spool = await self._new_spool(bucket, key, length)
+        spool = await self._new_spool(bucket, key, length, checksum_headers(request.headers))
         if spool is None:
             self._totals.fallbacks += 1
             await self.settle(bucket, key)
             return await self._put_through(request, address, changed)
         self._count(BACK)
         headers, body = upstream_request(request)
-        for name in request.headers:
-            if name.lower() in _CHECKSUMS:
-                spool.checks[name.lower()] = _CHECKSUMS[name.lower()]()
         self._spooling += length
         try:
             if body is not None:
@@ -609,11 +482,12 @@ class Writer:
             meta = _promised(request, spool, time.time())
             await changed()  # (drops the key's entry here too: before the new one is made)
             await self._filler.invalidate(bucket, key)
+            assert spool.place is not None
             entry, seq = await self._store.adopt(
-                bucket, key, meta, (spool.dir, spool.name), spool.blocks, replayed(headers)
+                bucket, key, meta, spool.place, spool.blocks, replayed(headers)
             )
         except BaseException:
-            await spool.discard()
+            await self._discard(spool)
             raise
         finally:
             self._spooling -= length
@@ -768,7 +642,10 @@ class Writer:
                 sources.append((entry.path, offset, size, md5))
                 offset += size
         try:
-            etag = await self._send(pending.bucket, pending.key, pending.headers, sources)
+            etag = await self._send(
+                pending.bucket, pending.key, pending.headers, sources,
+                multipart=pending.parts is not None,  # one part is a multipart upload too
+            )
         except (ServiceUnavailable, aiohttp.ClientError, OSError, TimeoutError) as exc:
             self._failed(pending, exc)
             return False
@@ -936,23 +813,24 @@ class Writer:
         join: Joiner,
         changed: Changed,
     ) -> None:
-        """A completed write-back multipart upload: joined into a new cache file
-        (fsync'd by ``join``), then its entry and journal row committed."""
+        """A completed write-back multipart upload: its file made (fsync'd by ``join``),
+        then its entry and journal row committed."""
         await self.check_bucket(bucket)
         self._count(BACK)
-        directory, name, path = self._store.new_file(bucket, key)
         self._spooling += meta.size
         try:
-            blocks = await join(path, self._store.block_size)
-            await changed()
-            await self._filler.invalidate(bucket, key)
-            entry, seq = await self._store.adopt(
-                bucket, key, meta, (directory, name), blocks, headers, parts
-            )
-        except BaseException:
-            with contextlib.suppress(OSError):
-                await aiofiles.os.remove(path)
-            raise
+            place, path, blocks = await join()
+            try:
+                await changed()
+                await self._filler.invalidate(bucket, key)
+                entry, seq = await self._store.adopt(
+                    bucket, key, meta, place, blocks, headers, parts
+                )
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    await aiofiles.os.remove(path)
+                self._store.release_file(place[1])
+                raise
         finally:
             self._spooling -= meta.size
         assert seq is not None
@@ -970,18 +848,19 @@ class Writer:
         if meta is None or meta.size != size or size > self._store.capacity:
             return
         try:
-            directory, name, path = self._store.new_file(bucket, key)
-        except CacheWriteError:
+            place, path, blocks = await join()
+        except (OSError, CacheWriteError) as exc:
+            log.warning("not caching the upload of s3://%s/%s: %s", bucket, key, exc)
             return
         try:
-            blocks = await join(path, self._store.block_size)
             await self._filler.invalidate(bucket, key)
-            await self._store.adopt(bucket, key, meta, (directory, name), blocks)
+            await self._store.adopt(bucket, key, meta, place, blocks)
             return
         except (OSError, CacheWriteError) as exc:
             log.warning("not caching the upload of s3://%s/%s: %s", bucket, key, exc)
         with contextlib.suppress(OSError):
             await aiofiles.os.remove(path)
+        self._store.release_file(place[1])
 
     async def _confirm(self, pending: Pending, etag: str | None) -> None:
         if etag != pending.etag:
@@ -1016,7 +895,7 @@ def request_too_big(length: int | None, capacity: int) -> bool:
     return length is not None and length > capacity
 
 
-def _body_length(request: web.Request) -> int | None:
+def body_length(request: web.Request) -> int | None:
     decoded = request.headers.get("x-amz-decoded-content-length")
     if decoded is not None and decoded.isdigit():
         return int(decoded)
@@ -1086,20 +965,6 @@ def _copy_fd(source: int, target: Path, size: int) -> None:
             done += copied
     finally:
         os.close(out)
-
-
-def _fsync(fd: int) -> None:
-    os.fsync(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 
 
 def xml_text(document: bytes, tag: str) -> str | None:
