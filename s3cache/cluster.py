@@ -36,27 +36,28 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import hmac
 import logging
 import socket
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
 import yarl
 from aiohttp import web
 
 from s3cache.config import Settings
-from s3cache.errors import AccessDenied, ServiceUnavailable
+from s3cache.errors import ServiceUnavailable
 from s3cache.forward import relay_response, upstream_request
 from s3cache.hashing import ranked
 from s3cache.s3.addressing import S3Address, encode_path, encode_query
+from s3cache.signing import Signer
 from s3cache.upstream import _s3_error_in_chain
 
 log = logging.getLogger(__name__)
 
 PEER_HEADER = "X-S3cache-Peer"
-PEER_AUTH_WINDOW = 300.0  # seconds a peer request's timestamp may be off
 HEALTH_SECONDS = 2.0
 # Nodes started together: the first health checks go out before the peers listen, and
 # a refused connection then says nothing of whether the peer will be up a moment later.
@@ -77,12 +78,60 @@ _READ_HEADERS = (
 )
 
 
+@dataclass(frozen=True, slots=True)
+class Ownership:
+    """Which node owns which key: rendezvous hashing over ``nodes``, skipping those
+    taken as ``down``. No nodes: this node alone (no cluster). Every worker of a node
+    decides with the same one (the primary sends its own to the secondaries)."""
+
+    self_url: str = ""
+    nodes: tuple[str, ...] = ()
+    down: frozenset[str] = frozenset()
+
+    def owner(self, bucket: str, key: str) -> str | None:
+        """The node that serves this object: None if it is this one."""
+        for node in ranked(f"{bucket}/{key}", self.nodes) if self.nodes else ():
+            if node == self.self_url:
+                return None
+            if node not in self.down:
+                return node
+        return None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"self": self.self_url, "nodes": list(self.nodes), "down": sorted(self.down)}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Ownership:
+        return cls(str(data["self"]), tuple(data["nodes"]), frozenset(data["down"]))
+
+
+class PeerSigner:
+    """The cluster secret's claims (``signing.Signer``) on requests from node to node,
+    in ``X-S3cache-Peer``: of the method and the request target."""
+
+    def __init__(self, secret: str) -> None:
+        self._signer = Signer(secret, "cluster")
+
+    def sign(self, method: str, target: str) -> str:
+        return self._signer.sign(method, target)
+
+    def verify(self, request: web.Request) -> bool:
+        """True if the request comes from a peer (raises AccessDenied for a bad
+        signature); False if it does not claim to."""
+        claim = request.headers.get(PEER_HEADER)
+        if claim is None:
+            return False
+        self._signer.verify(claim, request.method, request.raw_path)
+        return True
+
+
 class Cluster:
     def __init__(self, settings: Settings) -> None:
         self.self_url = (settings.advertise_url or "").rstrip("/")
         self._nodes: tuple[str, ...] = settings.peers
         self._dns = settings.peers_dns
-        self._secret = (settings.cluster_secret or "").encode()
+        self._secret = settings.cluster_secret or ""
+        self.signer = PeerSigner(self._secret)
         self._timeout = settings.peer_timeout
         # A cold read waits on the owner's upstream fetch: give it the upstream's time.
         self._read_timeout = settings.upstream_read_timeout
@@ -95,6 +144,10 @@ class Cluster:
         self._answered: set[str] = set()  # peers that answered a health check once
         self._started = time.monotonic()
         self._session: aiohttp.ClientSession | None = None
+        self.ownership = Ownership()
+        # Called when ``ownership`` changed (the primary tells its secondaries).
+        self.on_change: list[Callable[[], None]] = []
+        self._changed()
         self._tasks: list[asyncio.Task[None]] = []
 
     @property
@@ -143,14 +196,15 @@ class Cluster:
 
     def owner(self, bucket: str, key: str) -> str | None:
         """The node that serves this object: None if it is this one."""
-        if not self.enabled:
-            return None
-        for node in ranked(f"{bucket}/{key}", self._nodes or (self.self_url,)):
-            if node == self.self_url:
-                return None
-            if node not in self._down:
-                return node
-        return None
+        return self.ownership.owner(bucket, key)
+
+    def _changed(self) -> None:
+        """The nodes, or which of them are down, changed: so may the owner of a key."""
+        if self.enabled:
+            nodes = self._nodes or (self.self_url,)
+            self.ownership = Ownership(self.self_url, nodes, frozenset(self._down))
+        for hook in self.on_change:
+            hook()
 
     # --- asking the owner --------------------------------------------------------
 
@@ -299,26 +353,11 @@ class Cluster:
 
     # --- peer authentication -----------------------------------------------------
 
-    def sign(self, method: str, target: str, now: float | None = None) -> str:
-        stamp = str(int(now if now is not None else time.time()))
-        digest = hmac.new(self._secret, f"{stamp}\n{method}\n{target}".encode(), hashlib.sha256)
-        return f"{stamp}:{digest.hexdigest()}"
+    def sign(self, method: str, target: str) -> str:
+        return self.signer.sign(method, target)
 
     def verify(self, request: web.Request) -> bool:
-        """True if the request comes from a peer (raises AccessDenied for a bad
-        signature); False if it does not claim to."""
-        claim = request.headers.get(PEER_HEADER)
-        if claim is None:
-            return False
-        stamp, _, _ = claim.partition(":")
-        if not self._secret or not stamp.isdigit():
-            raise AccessDenied("Bad cluster signature.")
-        if abs(time.time() - int(stamp)) > PEER_AUTH_WINDOW:
-            raise AccessDenied("Cluster signature expired.")
-        expected = self.sign(request.method, request.raw_path, now=int(stamp))
-        if not hmac.compare_digest(expected.encode(), claim.encode()):
-            raise AccessDenied("Bad cluster signature.")
-        return True
+        return self.signer.verify(request)
 
     # --- membership --------------------------------------------------------------
 
@@ -326,6 +365,7 @@ class Cluster:
         if node not in self._down:
             log.warning("peer %s is down (%s): its keys go to the next node", node, reason)
             self._down.add(node)
+            self._changed()
 
     async def _check_health_forever(self) -> None:
         while True:
@@ -351,6 +391,7 @@ class Cluster:
         if healthy and node in self._down:
             log.info("peer %s is back: its keys return to it", node)
             self._down.discard(node)
+            self._changed()
 
     async def _resolve_forever(self) -> None:
         assert self._dns is not None
@@ -366,4 +407,5 @@ class Cluster:
                 if nodes and nodes != self._nodes:
                     log.info("cluster nodes from %s: %s", self._dns, ", ".join(nodes))
                     self._nodes = nodes
+                    self._changed()
             await asyncio.sleep(DNS_SECONDS)

@@ -45,12 +45,11 @@ from s3cache.upstream import UNSIGNED_PAYLOAD, OverlongBody, Upstream, UpstreamB
 
 log = logging.getLogger(__name__)
 
-# RFC 9110 §7.6.1 hop-by-hop headers, plus what s3cache sets itself for the upstream.
-# Date and x-amz-date are the client's signing time (every SigV2 request has a Date):
-# s3cache's own signature carries its own time.
-_NOT_FORWARDED_REQUEST = frozenset(
+# Headers that describe one hop only (RFC 9110 §7.6.1; Expect, RFC 9110 §10.1.1, is
+# answered by the hop it reaches): never passed on, either way. The body is re-framed
+# on the next hop.
+HOP_BY_HOP = frozenset(
     {
-        "host",
         "connection",
         "keep-alive",
         "proxy-authorization",
@@ -60,17 +59,21 @@ _NOT_FORWARDED_REQUEST = frozenset(
         "transfer-encoding",
         "upgrade",
         "expect",
-        "authorization",
-        "date",
-        "x-amz-date",
-        "x-amz-security-token",
-        "x-amz-content-sha256",
-        "content-length",
     }
 )
-_NOT_FORWARDED_RESPONSE = frozenset(
-    {"connection", "keep-alive", "transfer-encoding", "content-length", "trailer", "upgrade"}
-)
+# Plus what s3cache sets itself for the upstream. Date and x-amz-date are the client's
+# signing time (every SigV2 request has a Date): s3cache's own signature carries its
+# own time.
+_NOT_FORWARDED_REQUEST = HOP_BY_HOP | {
+    "host",
+    "authorization",
+    "date",
+    "x-amz-date",
+    "x-amz-security-token",
+    "x-amz-content-sha256",
+    "content-length",
+}
+_NOT_FORWARDED_RESPONSE = HOP_BY_HOP | {"content-length"}
 _SIGNED_STREAMING = (
     "STREAMING-AWS4-HMAC-SHA256-PAYLOAD",
     "STREAMING-AWS4-HMAC-SHA256-PAYLOAD-TRAILER",

@@ -35,7 +35,7 @@ from multidict import CIMultiDict
 
 from s3cache.config import LiveSettings, WorkerRole
 from s3cache.errors import AccessDenied, ServiceUnavailable
-from s3cache.forward import abort, relay_response
+from s3cache.forward import HOP_BY_HOP, abort, relay_response
 from s3cache.metrics import SERVED_BYTES, ByteSource, CacheOutcome, labelled
 from s3cache.reader import Reader, count_read, response_for
 from s3cache.s3.addressing import S3Address, resolve
@@ -67,21 +67,8 @@ RECONNECT_SECONDS = 0.5
 PRIMARY_WAIT_SECONDS = 15.0
 PRIMARY_RETRY_SECONDS = 0.05
 PROXY_CHUNK = 1 << 20
-# Request headers that describe this hop only; the body is re-framed on the next one.
-_HOP_BY_HOP = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "transfer-encoding",
-        "te",
-        "trailer",
-        "upgrade",
-        "expect",
-        WORKER_HEADER.lower(),
-        CLIENT_HEADER.lower(),
-    }
-)
+# Request headers not passed on to the primary: this hop's, and those only a worker sets.
+_NOT_PASSED_ON = HOP_BY_HOP | {WORKER_HEADER.lower(), CLIENT_HEADER.lower()}
 
 
 class _Replica:
@@ -299,7 +286,7 @@ class Secondary:
         headers = CIMultiDict(
             (name, value)
             for name, value in request.headers.items()
-            if name.lower() not in _HOP_BY_HOP
+            if name.lower() not in _NOT_PASSED_ON
         )
         headers[WORKER_HEADER] = self._signer.sign(
             self._role.index, request.method, request.raw_path, client

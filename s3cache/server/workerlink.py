@@ -1,8 +1,9 @@
 """What a secondary worker and the primary say to each other (see ``supervisor``).
 
-Requests a secondary passes on carry ``X-S3cache-Worker``: the worker's index, a time
-stamp and an HMAC (the run's secret) of the method, the request target and the client's
-address, which travels in ``X-S3cache-Client`` so that the primary judges admin
+Requests a secondary passes on carry ``X-S3cache-Worker``: ``INDEX:`` and a
+``signing.Signer`` claim (a time stamp and an HMAC under the run's secret) of the
+worker's index, the method, the request target and the client's address, which travels
+in ``X-S3cache-Client`` so that the primary judges admin
 requests by the real client, not by the Unix socket they came over.
 
 The channel is a WebSocket from each secondary to the primary, JSON messages:
@@ -16,21 +17,18 @@ The channel is a WebSocket from each secondary to the primary, JSON messages:
 
 from __future__ import annotations
 
-import hashlib
-import hmac
-import time
 from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
 
 from s3cache.errors import AccessDenied
+from s3cache.signing import Signer
 from s3cache.store.entry import Entry, ObjectMeta
 
 WORKER_HEADER = "X-S3cache-Worker"
 CLIENT_HEADER = "X-S3cache-Client"
 CHANNEL_PATH = "/_s3cache/worker/channel"
-SIGNATURE_WINDOW = 300.0  # seconds a signed request's stamp may be off
 
 # Set on requests that came from a secondary: its index, and the client's address.
 VIA_WORKER = web.RequestKey("via_worker", int)
@@ -38,16 +36,14 @@ CLIENT_ADDRESS = web.RequestKey("client_address", str)
 
 
 class WorkerSigner:
-    def __init__(self, secret: str) -> None:
-        self._secret = secret.encode()
+    """A secondary's claim: ``INDEX:`` and a ``signing.Signer`` claim (the run's secret)
+    of the index, method, request target and client address."""
 
-    def sign(
-        self, index: int, method: str, target: str, client: str, stamp: int | None = None
-    ) -> str:
-        stamp = int(time.time()) if stamp is None else stamp
-        message = f"{index}\n{stamp}\n{method}\n{target}\n{client}".encode()
-        digest = hmac.new(self._secret, message, hashlib.sha256).hexdigest()
-        return f"{index}:{stamp}:{digest}"
+    def __init__(self, secret: str) -> None:
+        self._signer = Signer(secret, "worker")
+
+    def sign(self, index: int, method: str, target: str, client: str) -> str:
+        return f"{index}:{self._signer.sign(str(index), method, target, client)}"
 
     def verify(self, request: web.Request) -> bool:
         """True if a secondary sent this request (its index and the client's address
@@ -57,15 +53,10 @@ class WorkerSigner:
         if claim is None:
             return False
         index, _, rest = claim.partition(":")
-        stamp, _, _ = rest.partition(":")
-        if not index.isdigit() or not stamp.isdigit():
+        if not index.isdigit():
             raise AccessDenied("Bad worker signature.")
-        if abs(time.time() - int(stamp)) > SIGNATURE_WINDOW:
-            raise AccessDenied("Worker signature expired.")
         client = request.headers.get(CLIENT_HEADER, "")
-        expected = self.sign(int(index), request.method, request.raw_path, client, int(stamp))
-        if not hmac.compare_digest(expected.encode(), claim.encode()):
-            raise AccessDenied("Bad worker signature.")
+        self._signer.verify(rest, index, request.method, request.raw_path, client)
         request[VIA_WORKER] = int(index)
         request[CLIENT_ADDRESS] = client
         return True
