@@ -21,8 +21,8 @@ delta minus the scan's (``s3cache_rule_served_bytes_total{rule="scan",
 source="upstream"}``: the scan is read once, every byte a miss). The minimum the
 cache size allows per round is B + D - cache_size (0.5 x cache_size): at most
 cache_size of the 1.5 x cache_size read every round can stay. Shown beside it: the
-ratio to B + D - 0.8 x cache_size, the minimum with what eviction leaves in the cache
-(``cache_low_watermark``, 0.8 by default; eviction runs from 0.9 down to it).
+ratio to B + D - 0.97 x cache_size, the minimum with what eviction leaves in the cache
+(``cache_low_watermark``, 0.97 by default; eviction runs from 0.98 down to it).
 
 Median of ``--runs`` runs (each on a fresh cache); prints the method and a table,
 writes bench/results/shared_cache.{md,json}. Never asserts.
@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import random
@@ -62,7 +63,8 @@ from s3cache.sandbox.seaweed import SeaweedS3
 SEED = 1717
 JOBS = {"job-a": 0.6, "scan": 3.0, "job-b": 0.5, "job-d": 1.0}  # bucket -> x cache_size
 READERS = 2
-LOW_WATERMARK = 0.8  # s3cache's default cache_low_watermark
+EVICTED = "s3cache_rule_evicted_bytes_total"
+LOW_WATERMARK = 0.97  # s3cache's default cache_low_watermark
 RULES = "".join(
     f'[[cache_rules]]\nname = "{bucket.replace("-", "_")}"\nprefix = "{bucket}"\n\n'
     for bucket in JOBS
@@ -98,6 +100,7 @@ class Result:
     case: str
     epochs: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
+    cpu_seconds: float = 0.0  # of the s3cache process
 
 
 def say(text: str) -> None:
@@ -133,7 +136,8 @@ def metrics(endpoint: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float
     with urllib.request.urlopen(f"{endpoint}/_s3cache/metrics", timeout=30) as answer:
         text = answer.read().decode()
     values = {}
-    for name, labels, value in re.findall(r"^(\w+)\{([^}]*)\} (\S+)$", text, re.M):
+    # Samples with labels and without (the prefetch counters have none).
+    for name, labels, value in re.findall(r"^(\w+)(?:\{([^}]*)\})? (\S+)$", text, re.M):
         pairs = frozenset(re.findall(r'(\w+)="([^"]*)"', labels))
         values[(name, pairs)] = float(value)
     return values
@@ -198,6 +202,15 @@ class Scan:
         return self.done / self._params.count("scan")
 
 
+def cpu_seconds(proxy: S3CacheProcess) -> float:
+    """User + system CPU time of the s3cache process so far (Linux /proc)."""
+    try:
+        fields = Path(f"/proc/{proxy.pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def start_cache(upstream: SeaweedS3, policy: str, params: Params, workdir: Path) -> S3CacheProcess:
     config = workdir / "rules.toml"
     config.write_text(RULES)
@@ -243,6 +256,7 @@ def case_scan(upstream: SeaweedS3, policy: str, run: int, params: Params, workdi
                     }
                 )
         client.close()
+        result.cpu_seconds = cpu_seconds(proxy)
     finally:
         proxy.stop()
     result.seconds = time.perf_counter() - began
@@ -285,9 +299,17 @@ def case_manifests(
                 )
                 jobs_bytes = upstream_bytes - scan_bytes
                 wasted = delta(before, after, "s3cache_prefetch_wasted_bytes_total")
+                prefetched = delta(before, after, "s3cache_prefetched_bytes_total")
+                reads = {
+                    job: {
+                        outcome: count - rule_reads(before, job.replace("-", "_"))[outcome]
+                        for outcome, count in rule_reads(after, job.replace("-", "_")).items()
+                    }
+                    for job in jobs
+                }
                 read = sum(params.count(job) for job in jobs) * params.object_size
                 minimum = read - params.cache_size
-                # What eviction leaves (cache_low_watermark, 0.8 by default) can stay.
+                # What eviction leaves (cache_low_watermark, 0.97 by default) can stay.
                 minimum_low = read - int(params.cache_size * params.low_watermark())
                 result.epochs.append(
                     {
@@ -297,11 +319,18 @@ def case_manifests(
                         "ratio_to_minimum": jobs_bytes / minimum,
                         "ratio_to_minimum_at_low_watermark": jobs_bytes / minimum_low,
                         "prefetch_wasted_bytes": wasted,
+                        "prefetched_bytes": prefetched,
+                        "reads": reads,
+                        "evicted_bytes": {
+                            rule: delta(before, after, EVICTED, rule=rule)
+                            for rule in ("job_b", "job_d", "scan")
+                        },
                         "seconds": time.perf_counter() - started,
                         "scan_done": scan.fraction(),
                     }
                 )
         client.close()
+        result.cpu_seconds = cpu_seconds(proxy)
     finally:
         proxy.stop()
     result.seconds = time.perf_counter() - began
@@ -346,6 +375,9 @@ def summarize(results: list[Result], params: Params) -> dict[str, Any]:
             entry["manifest_ratio_to_minimum_at_low_watermark_rounds_2_on"] = statistics.median(
                 low
             )
+        for case, runs in mine.items():
+            if runs:
+                entry[f"{case}_cpu_seconds"] = statistics.median(r.cpu_seconds for r in runs)
         summary[policy] = entry
     return summary
 
@@ -353,8 +385,9 @@ def summarize(results: list[Result], params: Params) -> dict[str, Any]:
 def table(summary: dict[str, Any], params: Params) -> str:
     lines = [
         "| policy | A hit ratio by epoch | A warm (3..) | manifests: upstream / minimum by "
-        "round | rounds 2.. | rounds 2.., minimum at the low watermark |",
-        "|---|---|---|---|---|---|",
+        "round | rounds 2.. | rounds 2.., minimum at the low watermark | s3cache CPU s "
+        "(scan, manifests) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for policy, s in summary.items():
         epochs = " ".join(f"{v:.2f}" for v in s.get("job_a_hit_ratio_by_epoch", []))
@@ -365,7 +398,9 @@ def table(summary: dict[str, Any], params: Params) -> str:
         lines.append(
             f"| {policy} | {epochs or '-'} | {'-' if warm is None else f'{warm:.2f}'} | "
             f"{rounds or '-'} | {'-' if later is None else f'{later:.2f}'} | "
-            f"{'-' if low is None else f'{low:.2f}'} |"
+            f"{'-' if low is None else f'{low:.2f}'} | "
+            f"{s.get('scan_cpu_seconds', math.nan):.1f}, "
+            f"{s.get('manifests_cpu_seconds', math.nan):.1f} |"
         )
     return "\n".join(lines)
 

@@ -153,6 +153,13 @@ def parse_ttl(text: str | int | float) -> float:
     return parse_duration(text)
 
 
+def _size_or_auto(text: str | int) -> int | None:
+    """A size, or ``auto`` (None: the caller works it out)."""
+    if isinstance(text, str) and text.strip().lower() == "auto":
+        return None
+    return parse_size(text)
+
+
 def _fraction(text: str | float) -> float:
     value = float(text)
     if not 0.0 < value <= 1.0:
@@ -424,10 +431,10 @@ class Settings:
     cache_size: int = _setting(10 * 1024**3, parse_size, "bytes the cache may use, all dirs")
     block_size: int = _setting(8 * 1024**2, parse_size, "cache block size")
     cache_high_watermark: float = _setting(
-        0.9, _fraction, "usage (fraction of cache_size) at which eviction starts"
+        0.98, _fraction, "usage (fraction of cache_size) at which eviction starts"
     )
     cache_low_watermark: float = _setting(
-        0.8, _fraction, "usage (fraction of cache_size) eviction brings the cache down to"
+        0.97, _fraction, "usage (fraction of cache_size) eviction brings the cache down to"
     )
     cache_ttl: float = _setting(
         600.0,
@@ -492,8 +499,11 @@ class Settings:
     readahead_max: int = _setting(
         64 * 1024**2, parse_size, "largest read-ahead window of a sequential reader"
     )
-    manifest_lead: int = _setting(
-        2 * 1024**3, parse_size, "how far ahead of the client an epoch manifest is prefetched"
+    manifest_lead: int | None = _setting(
+        None,
+        _size_or_auto,
+        "bytes the epoch manifests, all together, are prefetched ahead of their clients; "
+        "auto: twice what prefetch_concurrency fetches hold",
     )
     fill_concurrency: int = _setting(
         32, _positive_int, "ranged upstream GETs filling the cache at once, all objects"

@@ -9,8 +9,9 @@ waits behind prefetch):
    sequential read up to ``readahead_max``; a jump elsewhere resets it;
 2. warm jobs: ``POST /_s3cache/prefetch`` with a prefix or a list of keys;
 3. epoch manifests: the ordered list of keys a data loader will read this epoch; they
-   are prefetched in that order, keeping ``manifest_lead`` bytes ahead of the position
-   the client is observed at, and eviction keeps what is needed soonest.
+   are prefetched in that order, ahead of the position the client is observed at (one
+   lead shared by all manifests: by default twice the fetches the workers hold in
+   flight, or ``manifest_lead`` bytes), and eviction keeps what is needed soonest.
 
 Metrics: bytes prefetched, prefetched bytes later read (useful) or dropped unread
 (wasted), and the lead time between a prefetched block landing and its first read.
@@ -157,6 +158,10 @@ class Manifest:
                         self.read = {i for i in self.read if i > floor}
                 return
 
+    def ahead(self) -> bool:
+        """Items are left to read."""
+        return self.position < len(self.items) - 1
+
     def next_use(self, key: str) -> int | None:
         """How many items ahead the key is needed next (None: not again)."""
         for index in self.positions.get(key, ()):
@@ -186,10 +191,20 @@ class Prefetcher:
         self._upstream = upstream
         self._block_size = settings.block_size
         self._readahead_max = max(1, settings.readahead_max // settings.block_size)
-        # Never more than half of what the cache holds: the other half keeps what the
-        # manifest needs soonest.
+        # One lead for all manifests together (they share the workers), counted in bytes
+        # and, by default, in fetches (a block, or a whole object smaller than one):
+        # twice what the workers hold in flight. When prefetch can keep up with the
+        # readers at all, an item that many fetches ahead lands before it is read (it has
+        # at least two fetch times), and a longer lead fetches no faster: it only holds
+        # cache that the entries needed soonest could use. A manifest_lead in bytes
+        # replaces it. Never more than half of what the cache holds.
+        fetches = 2 * settings.prefetch_concurrency
+        self._lead_fetches: int | None = fetches if settings.manifest_lead is None else None
         self._lead = min(
-            settings.manifest_lead, int(settings.cache_size * settings.cache_low_watermark / 2)
+            fetches * settings.block_size
+            if settings.manifest_lead is None
+            else settings.manifest_lead,
+            int(settings.cache_size * settings.cache_low_watermark / 2),
         )
         self._workers_count = settings.prefetch_concurrency
         self._queue: asyncio.PriorityQueue[tuple[int, int, ObjectItem]] = asyncio.PriorityQueue()
@@ -201,6 +216,7 @@ class Prefetcher:
         # Usable room for warm jobs: a job stops before it would evict its own data.
         self._warm_room = int(settings.cache_size * settings.cache_low_watermark)
         store.eviction_rank = self._eviction_rank
+        store.manifests_active = self._manifests_active
 
     async def start(self) -> None:
         self._workers = [asyncio.create_task(self._work()) for _ in range(self._workers_count)]
@@ -314,30 +330,38 @@ class Prefetcher:
         return manifest
 
     def _feed_manifest(self, manifest: Manifest) -> None:
-        """Queue manifest items up to ``manifest_lead`` bytes ahead of the client."""
-        ahead = 0
+        """Queue manifest items up to the manifest's share of the lead ahead of its
+        client: the manifests with items ahead share it equally."""
+        sharing = max(1, sum(1 for other in self.manifests.values() if other.ahead()))
+        lead = self._lead // sharing
+        fetches = None if self._lead_fetches is None else max(1, self._lead_fetches // sharing)
+        ahead = count = 0
         index = manifest.position + 1
-        while index < len(manifest.items) and ahead < self._lead:
+        while index < len(manifest.items) and ahead < lead and (fetches is None or count < fetches):
             key, byte_range = manifest.items[index]
             entry = self._store.peek(manifest.bucket, key)
             size = entry.size if entry is not None else manifest.size_of(key, self._block_size)
             if byte_range is not None:
                 size = byte_range[1] - byte_range[0]
             ahead += size
+            count += max(1, -(-size // self._block_size))  # blocks, or one small object
             if index >= manifest.queued:
                 self._put(Priority.MANIFEST, ObjectItem(manifest.bucket, key, None, byte_range))
                 manifest.queued = index + 1
             index += 1
 
-    def _eviction_rank(self, bucket: str, key: str) -> float:
-        """Eviction order hint: lower goes first. Without a manifest, 0 for all (plain
-        LRU); with one, objects not needed again this epoch first, then those needed
-        furthest ahead."""
+    def _eviction_rank(self, bucket: str, key: str) -> float | None:
+        """Eviction order hint: lower goes first. None in no manifest with items ahead
+        (the policy decides alone); with one, 0 for objects not needed again, else
+        1 / how many items ahead they are needed (Belady: furthest first)."""
         manifest = self.manifests.get(bucket)
-        if manifest is None:
-            return 0.0
+        if manifest is None or not manifest.ahead():
+            return None
         distance = manifest.next_use(key)
         return 0.0 if distance is None else 1.0 / distance
+
+    def _manifests_active(self) -> bool:
+        return any(manifest.ahead() for manifest in self.manifests.values())
 
     # --- the queue ---------------------------------------------------------------
 

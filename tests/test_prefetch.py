@@ -173,3 +173,91 @@ def test_a_late_read_does_not_move_the_manifest_into_the_next_epoch() -> None:
     for key in ("k3", "k4", "k5", "k6", "k7", "k8", "k9", "k7"):
         manifest.observe(key)
     assert manifest.position == 10
+
+
+def _other_bucket(cached: Cached, bucket: str, suffix: str) -> str:
+    name = f"{bucket}-{suffix}"
+    cached.direct.create_bucket(Bucket=name)
+    return name
+
+
+def _drop_bucket(cached: Cached, name: str) -> None:
+    for page in cached.direct.get_paginator("list_objects_v2").paginate(Bucket=name):
+        for item in page.get("Contents", []):
+            cached.direct.delete_object(Bucket=name, Key=item["Key"])
+    cached.direct.delete_bucket(Bucket=name)
+
+
+def test_manifests_share_one_lead(tmp_path: Path, upstream: SeaweedS3, bucket: str) -> None:
+    """Two epoch manifests, nothing read yet: they share one lead (by default twice the
+    fetches prefetch_concurrency holds: 4 objects of one block here), not a lead each.
+    The first, alone when it came, takes all of it; the second half of it."""
+    with running_cache(tmp_path, upstream, "--prefetch-concurrency", "2") as cached:
+        other = _other_bucket(cached, bucket, "second")
+        try:
+            keys = [f"k{n:02d}" for n in range(20)]
+            for name in (bucket, other):
+                for key in keys:
+                    put(cached, name, key, BLOCK)
+            for name in (bucket, other):
+                submit_epoch(cached.proxy.endpoint_url, name, keys)
+            time.sleep(1.0)
+            cached.settle()
+            fetched = {(r.path.split("/")[1], r.path.split("/")[2]) for r in cached.gets()}
+            per_bucket = {name: {k for b, k in fetched if b == name} for name in (bucket, other)}
+        finally:
+            _drop_bucket(cached, other)
+    assert per_bucket[bucket] | per_bucket[other], fetched  # prefetch ran
+    assert per_bucket[bucket] <= {"k00", "k01", "k02", "k03"}, sorted(fetched)  # alone: all
+    assert per_bucket[other] <= {"k00", "k01"}, sorted(fetched)  # then half each
+
+
+def _wait_for_eviction(cached: Cached, below: int) -> None:
+    cached.settle()
+    deadline = time.monotonic() + 10
+    while cached.stats()["used_bytes"] > below and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)  # the round that started also finishes
+
+
+def test_with_a_manifest_what_nobody_needs_is_evicted_first(
+    tmp_path: Path, upstream: SeaweedS3, bucket: str
+) -> None:
+    """A 64-block cache (watermarks 0.9 / 0.8: 58 blocks start an eviction down to 51),
+    a manifest of 48 objects (the next epoch the same, so all stay needed) and objects
+    of another bucket in no manifest. When eviction must take more than the main FIFO
+    holds that nobody needs (scan objects read again, from S3-FIFO's ghost), the scan
+    objects in the small FIFO go too, even within its 10% share, before anything the
+    manifest needs: the next epoch is all hits."""
+    watermarks = ("--cache-high-watermark", "0.9", "--cache-low-watermark", "0.8")
+    with running_cache(tmp_path, upstream, *watermarks, cache_size=f"{64 * BLOCK}") as cached:
+        scan = _other_bucket(cached, bucket, "scan")
+        try:
+            keys = [f"m{n:02d}" for n in range(48)]
+            for key in keys:
+                put(cached, bucket, key, BLOCK)
+            for n in range(16):
+                put(cached, scan, f"s{n:02d}", BLOCK)
+            submit_epoch(cached.proxy.endpoint_url, bucket, keys)
+            submit_epoch(cached.proxy.endpoint_url, bucket, keys, append=True)
+            for key in keys:
+                get(cached.client, bucket, key)
+            for n in range(10):  # the 58th block: s0..s6 go (to the ghost), s7..s9 stay
+                get(cached.client, scan, f"s{n:02d}")
+            _wait_for_eviction(cached, 52 * BLOCK)
+            assert cached.stats()["evictions"] == 7
+            get(cached.client, scan, "s00")  # back from the ghost: to the main FIFO
+            for n in range(10, 13):  # 6 scan objects in the small FIFO: within its share
+                get(cached.client, scan, f"s{n:02d}")
+            for n in (1, 2, 3):  # 58 blocks again, the main FIFO holds 4 nobody needs
+                get(cached.client, scan, f"s{n:02d}")
+            _wait_for_eviction(cached, 52 * BLOCK)
+            assert cached.stats()["evictions"] == 14
+            cached.relay.reset()
+            for key in keys:  # the next epoch
+                get(cached.client, bucket, key)
+            cached.settle()
+            missed = sorted(r.path for r in cached.gets())
+        finally:
+            _drop_bucket(cached, scan)
+    assert missed == []

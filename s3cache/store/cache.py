@@ -161,8 +161,9 @@ class CacheStore:
         self.reserved = 0
         self.entries = 0
         # Eviction order hint from the prefetcher (lower is evicted first; ties in LRU
-        # order): objects an epoch manifest needs soon stay.
-        self.eviction_rank: Callable[[str, str], float] = lambda bucket, key: 0.0
+        # order; None: in no epoch manifest): objects a manifest needs soon stay.
+        self.eviction_rank: Callable[[str, str], float | None] = lambda bucket, key: None
+        self.manifests_active: Callable[[], bool] = lambda: False
         self.faults: dict[int, DirFault] = {}  # cache dirs that take no blocks now
         self._opening: dict[int, asyncio.Future[int | None]] = {}  # fds being opened
         # Called with an entry's id when it can no longer be served whole: dropped,
@@ -873,7 +874,7 @@ class CacheStore:
             if not victims:
                 return
             # A stable sort keeps LRU order among equals.
-            victims.sort(key=lambda row: self.eviction_rank(row[1], row[2]))
+            victims.sort(key=lambda row: self.eviction_rank(row[1], row[2]) or 0.0)
             for entry_id, bucket, key, _dir, _file, present in victims:
                 if self.used + self.reserved <= target:
                     return
@@ -918,24 +919,27 @@ class CacheStore:
 
     async def _evict_s3fifo(self, target: int) -> None:
         """S3-FIFO (``store.policy``) until usage is at most ``target``: the heads of the
-        queues, a batch at a time, are promoted, reinserted or evicted (epoch manifests
-        have their say, see ``policy.sort_heads``). Pinned and kept (write-back) entries
-        are never evicted: they go to the tail of the main FIFO."""
+        queues, a batch at a time, are promoted, reinserted or evicted; while epoch
+        manifests are read, the heads of both, what nobody needs first (see
+        ``policy.sort_with_manifests``). Pinned and kept (write-back) entries are never
+        evicted: they go to the tail of the main FIFO."""
         share = int(self._capacity * policy.SMALL_SHARE)
         small = await self._in_index_thread(self.index.queue_bytes, SMALL)
         while self.used + self.reserved > target:
-            sorting = await self._s3fifo_sort(small > share)
-            if sorting.needed == len(sorting.victims) and sorting.needed and not sorting.moves:
-                # Only entries a manifest needs at the main FIFO's head: what the small
-                # one holds that nobody needs goes first, whatever its share.
-                unneeded = await self._s3fifo_sort(True)
-                if len(unneeded.victims) > unneeded.needed or unneeded.moves:
-                    sorting = unneeded
+            if self.manifests_active():
+                sorting, full = await self._manifest_sort()
+            else:
+                sorting, full = await self._s3fifo_sort(small > share), False
             small -= sorting.promoted
             now = time.time()
             moves, evicted = list(sorting.moves), 0
-            for c in sorting.victims:
+            first_needed = len(sorting.victims) - sorting.needed
+            for number, c in enumerate(sorting.victims):
                 if self.used + self.reserved <= target:
+                    if full and number > first_needed:
+                        # Needed heads were evicted: those left go to the tail, so that
+                        # the next round chooses among the entries behind them.
+                        moves.extend((MAIN, h.freq, now, h.id) for h in sorting.victims[number:])
                     break  # the rest stay where they are
                 entry = self._view.get((c.bucket, c.key))
                 if c.id in self.keep or (entry is not None and (entry.pins or entry.id != c.id)):
@@ -953,9 +957,22 @@ class CacheStore:
 
     async def _s3fifo_sort(self, from_small: bool) -> policy.Sorting:
         queue, rows = await self._in_index_thread(self._s3fifo_heads, from_small)
-        heads = [policy.Candidate(*row, queue) for row in rows]
-        ranks = [self.eviction_rank(head.bucket, head.key) for head in heads]
-        return policy.sort_heads(heads, ranks, time.time())
+        return policy.sort_heads([policy.Candidate(*row, queue) for row in rows], time.time())
+
+    async def _manifest_sort(self) -> tuple[policy.Sorting, bool]:
+        """Both queues' heads sorted with the manifests' ranks; and whether the main
+        FIFO has more entries than its heads."""
+
+        def heads() -> tuple[list[policy.Candidate], bool]:
+            small = self.index.oldest_in_queue(SMALL, S3FIFO_HEADS)
+            main = self.index.oldest_in_queue(MAIN, S3FIFO_HEADS)
+            return [policy.Candidate(*row, SMALL) for row in small] + [
+                policy.Candidate(*row, MAIN) for row in main
+            ], len(main) == S3FIFO_HEADS
+
+        candidates, full = await self._in_index_thread(heads)
+        ranks = [self.eviction_rank(head.bucket, head.key) for head in candidates]
+        return policy.sort_with_manifests(candidates, ranks, time.time()), full
 
     def _s3fifo_heads(
         self, from_small: bool

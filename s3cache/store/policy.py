@@ -12,6 +12,9 @@ again goes back to its tail with one read less, the others leave. A new entry wh
 key is in the ghost enters the main FIFO directly. A scan (every object read once) thus
 only ever passes through the small FIFO, and the working set read every epoch stays.
 
+While epoch manifests are read, they decide for the entries they name, and what no
+manifest needs goes first (``sort_with_manifests``).
+
 Queue, count and FIFO position live in the index (columns queue, freq, queued_at), so
 a restart keeps them; reads are counted in memory (one dict update per read) and
 written with the access times every few seconds. The ghost is memory only: a restart
@@ -80,29 +83,53 @@ class Sorting:
     needed: int = 0  # victims at the end that a manifest needs (evicted last)
 
 
-def sort_heads(heads: Iterable[Candidate], ranks: Iterable[float], now: float) -> Sorting:
-    """S3-FIFO's decision for each head of a queue: promote, reinsert, or evict.
-
-    ``ranks``: the epoch manifests' word on each head (``CacheStore.eviction_rank``: 0 not
-    needed again this epoch, above 0 needed, the sooner the higher). Where a manifest
-    says an entry is needed, it decides instead of the read count, which a prefetched
-    entry read once per epoch never raises: a needed entry leaves the small FIFO for the
-    main one, and is evicted from the main one only after every other victim, those
-    needed furthest ahead first (Belady's choice among the heads)."""
+def sort_heads(heads: Iterable[Candidate], now: float) -> Sorting:
+    """S3-FIFO's decision for each head of a queue: promote, reinsert, or evict."""
     sorting = Sorting([], [])
-    needed: list[tuple[float, Candidate]] = []
-    for head, rank in zip(heads, ranks, strict=True):
-        if head.queue == SMALL and (head.freq > 0 or rank > 0):
+    for head in heads:
+        if head.queue == SMALL and head.freq > 0:
             sorting.moves.append((MAIN, 0, now, head.id))  # read again: to the main FIFO
             sorting.promoted += head.present
-        elif head.queue == MAIN and rank > 0:
-            needed.append((rank, head))  # left in place unless evicted
         elif head.freq > 0:
             sorting.moves.append((MAIN, head.freq - 1, now, head.id))  # back to the tail
         else:
             sorting.victims.append(head)
+    return sorting
+
+
+def sort_with_manifests(
+    heads: Iterable[Candidate], ranks: Iterable[float | None], now: float
+) -> Sorting:
+    """The decision for the heads of both FIFOs while epoch manifests are read.
+
+    ``ranks``: the manifests' word on each head (``CacheStore.eviction_rank``): None in
+    no manifest, 0 not needed again, above 0 needed, the sooner the higher. The victims
+    are first every head nobody needs, oldest first, from either FIFO: a manifest's
+    entry not needed again, and an entry in no manifest not read again since it entered
+    its queue (a scan's object, right after its read; S3-FIFO would keep it for as long
+    as the small FIFO is within its share, taking that room from the manifests). Then
+    the needed heads of the main FIFO, furthest ahead first (Belady's choice among the
+    heads). A needed head of the small FIFO moves to the main one (the manifest decides
+    instead of the read count, which a prefetched entry read once per epoch never
+    raises); a head in no manifest read again is promoted or reinserted as S3-FIFO
+    does."""
+    sorting = Sorting([], [])
+    unneeded: list[Candidate] = []
+    needed: list[tuple[float, Candidate]] = []
+    for head, rank in zip(heads, ranks, strict=True):
+        wanted = rank is not None and rank > 0
+        if head.queue == SMALL and (wanted or (rank is None and head.freq > 0)):
+            sorting.moves.append((MAIN, 0, now, head.id))  # to the main FIFO
+            sorting.promoted += head.present
+        elif wanted:
+            needed.append((rank or 0.0, head))  # left in place unless evicted
+        elif rank is None and head.freq > 0:
+            sorting.moves.append((MAIN, head.freq - 1, now, head.id))  # back to the tail
+        else:
+            unneeded.append(head)
+    unneeded.sort(key=lambda head: head.queue)  # the small FIFO's first (stable: oldest first)
     needed.sort(key=lambda pair: pair[0])
-    sorting.victims.extend(head for _, head in needed)
+    sorting.victims = unneeded + [head for _, head in needed]
     sorting.needed = len(needed)
     return sorting
 
