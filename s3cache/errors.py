@@ -21,6 +21,7 @@
     ├── RequestTimeTooSkewed     403  the request time is over 15 minutes from the server's
     ├── NoSuchKey                404
     ├── NoSuchBucket             404  a write-back to a bucket the upstream does not have
+    ├── NoSuchUpload             404  a part of a write-back upload aborted meanwhile
     ├── MethodNotAllowed         405
     ├── PreconditionFailed       412  an If-Match or If-Unmodified-Since condition is false
     ├── InvalidRange             416  the Range cannot be satisfied
@@ -149,6 +150,11 @@ class NoSuchKey(S3Error):
 
 class NoSuchBucket(S3Error):
     code = "NoSuchBucket"
+    status = 404
+
+
+class NoSuchUpload(S3Error):
+    code = "NoSuchUpload"
     status = 404
 
 

@@ -21,10 +21,11 @@ entry (``store.adopt``):
   fsyncs the object, commits its entry and journal row (with the part sizes and MD5s),
   and answers the ETag S3 will give: the MD5 of the parts' MD5s, ``-N``. The uploader
   sends it as a multipart upload with the same part boundaries, so that ETag is what the
-  upstream computes. A part is answered once spooled and its digests checked (its
-  Content-MD5 and checksum, as S3 checks them); parts are not fsync'd: until completion
-  nothing is acknowledged as an object, and an upload that a crash interrupts is gone
-  (its UploadId unknown; its file is an orphan the store's sweep removes).
+  upstream computes. The upload is saved in the index (``uploads``) before its UploadId
+  is answered; a part is answered once its digests are checked (its Content-MD5 and
+  checksum, as S3 checks them), its bytes fsync'd and its row committed
+  (``upload_parts``): an upload outlives a restart (``start``). The completion's commit
+  removes the upload's rows with the entry's.
 
 Over ``writeback_max`` at completion, a write-back upload is uploaded to the upstream
 there and then (its client waits, as for write-through); it never fails for that.
@@ -36,6 +37,7 @@ import asyncio
 import contextlib
 import hashlib
 import itertools
+import json
 import logging
 import os
 import secrets
@@ -58,6 +60,7 @@ from s3cache.errors import (
     InvalidPartOrder,
     InvalidRequest,
     MalformedXML,
+    NoSuchUpload,
 )
 from s3cache.forward import relay_response, response_headers, send_upstream, upstream_request
 from s3cache.metrics import UpstreamKind
@@ -66,6 +69,7 @@ from s3cache.spool import CHECKSUMS, Spool, checksum_headers, fsync_dir
 from s3cache.store import files
 from s3cache.store.cache import CacheStore, CacheWriteError
 from s3cache.store.entry import ObjectMeta
+from s3cache.store.index import UploadRow
 from s3cache.upstream import Upstream
 from s3cache.writes import (
     BACK,
@@ -110,6 +114,7 @@ class _Upload:
     headers: tuple[tuple[str, str], ...]  # CreateMultipartUpload's, as forwarded
     content_type: str | None
     stored: tuple[tuple[str, str], ...]  # what a GET will answer with (metadata…)
+    dir_number: int  # the cache dir its spool dir is in
     dir: Path  # parts that are not in the shared file
     parts: dict[int, _Part] = field(default_factory=dict)
     stride: int | None = None  # part N of at most this size goes at (N-1) x stride
@@ -130,10 +135,14 @@ class Multipart:
         self._uploads: dict[str, _Upload] = {}
 
     async def start(self) -> None:
-        """Parts of uploads that a stop interrupted are of no use: removed."""
-        loop = asyncio.get_running_loop()
-        for directory in self._dirs:
-            await loop.run_in_executor(None, shutil.rmtree, directory / SPOOL_DIR, True)
+        """The write-back uploads a stop interrupted go on (their saved rows, with
+        their acknowledged parts whose bytes are still there); other spooled parts are
+        of no use: removed."""
+        for row in self._store.uploads_at_open:
+            upload = self._restored(row)
+            self._uploads[upload.id] = upload
+        keep = {upload.dir for upload in self._uploads.values()}
+        await asyncio.get_running_loop().run_in_executor(None, _remove_spools, self._dirs, keep)
 
     def handles(self, request: web.Request, address: S3Address) -> bool:
         """A request of an upload this module takes part in (or starts one)."""
@@ -173,7 +182,9 @@ class Multipart:
         if mode == BACK:
             await self._writer.check_bucket(address.bucket)  # as S3 does: NoSuchBucket here
             upload_id = f"s3cache-{secrets.token_hex(16)}"
-            self._new_upload(upload_id, address, mode, headers, request)
+            upload = self._new_upload(upload_id, address, mode, headers, request)
+            # Durable before its UploadId is answered: the upload outlives a restart.
+            await self._store.save_upload(upload.id, upload.bucket, upload.key, _state(upload))
             return _xml(
                 "InitiateMultipartUploadResult",
                 [("Bucket", address.bucket), ("Key", address.key), ("UploadId", upload_id)],
@@ -196,11 +207,11 @@ class Multipart:
         mode: str,
         headers: CIMultiDict[str],
         request: web.Request,
-    ) -> None:
+    ) -> _Upload:
         assert address.bucket is not None and address.key is not None
         directory = files.choose_dir(address.bucket, address.key, len(self._dirs))
         meta = promised_meta(request, "", 0, time.time(), ())
-        self._uploads[upload_id] = _Upload(
+        upload = self._uploads[upload_id] = _Upload(
             id=upload_id,
             bucket=address.bucket,
             key=address.key,
@@ -212,8 +223,46 @@ class Multipart:
             ),
             content_type=request.headers.get("Content-Type"),
             stored=meta.headers,
+            dir_number=directory,
             dir=self._dirs[directory] / SPOOL_DIR / upload_id.replace("/", "_")[:96],
         )
+        return upload
+
+    def _restored(self, row: UploadRow) -> _Upload:
+        """A saved write-back upload as it was, with those of its parts whose bytes are
+        where its rows say."""
+        state = json.loads(row.state)
+        upload = _Upload(
+            id=row.id,
+            bucket=row.bucket,
+            key=row.key,
+            mode=BACK,
+            headers=_pairs(state["headers"]),
+            content_type=state["content_type"],
+            stored=_pairs(state["stored"]),
+            dir_number=state["dir"],
+            dir=Path(self._dirs[state["dir"]]) / SPOOL_DIR / row.id.replace("/", "_")[:96],
+            stride=state["stride"],
+        )
+        if row.shared is not None:
+            upload.shared = (*row.shared, self._store.file_at(row.shared))
+        upload.quiet.set()
+        for number, text in row.parts.items():
+            part = json.loads(text)
+            if part["file"] is None:
+                if upload.shared is None:
+                    continue
+                path = upload.shared[2]
+            else:
+                path = upload.dir / part["file"]
+            with contextlib.suppress(OSError):
+                if path.stat().st_size >= part["offset"] + part["size"]:
+                    upload.parts[number] = _Part(
+                        path, part["offset"], part["size"], part["md5"],
+                        {int(index): value for index, value in part["blocks"]},
+                        shared=part["file"] is None,
+                    )
+        return upload
 
     # --- parts -------------------------------------------------------------------
 
@@ -242,7 +291,7 @@ class Multipart:
             if upload.mode == BACK:
                 async for _ in spool.tee(body):
                     pass
-                if not await spool.finish(durable=False):
+                if not await spool.finish(durable=True):
                     raise CacheWriteError("cannot spool the part")
                 spool.check_digests(request)
                 kept = True
@@ -262,13 +311,27 @@ class Multipart:
         if not kept:
             await self._drop(upload, number, spool)
             return answer
-        old = upload.parts.pop(number, None)
-        if old is not None and not old.shared:
-            await _remove(old.path)
-        upload.parts[number] = _Part(
+        part = _Part(
             spool.path, spool.offset, spool.size, spool.md5_hex, spool.blocks,
             shared=self._is_shared(upload, spool),
         )
+        if upload.mode == BACK:
+            try:
+                # Durable before it is answered: it outlives a restart with its upload.
+                saved = await self._store.save_part(
+                    upload.id, number, _part_state(part), _state(upload),
+                    upload.shared[:2] if upload.shared is not None else None,
+                )
+            except BaseException:
+                await self._drop(upload, number, spool)
+                raise
+            if not saved:
+                await self._drop(upload, number, spool)
+                raise NoSuchUpload("The specified upload does not exist.")
+        old = upload.parts.pop(number, None)
+        if old is not None and not old.shared:
+            await _remove(old.path)
+        upload.parts[number] = part
         self._written(upload, number, spool)
         return answer
 
@@ -366,6 +429,7 @@ class Multipart:
                 await self._writer.keep_back(
                     upload.bucket, upload.key, meta, upload.headers, sizes,
                     self._assembler(upload, parts, durable=True), changed,
+                    completed_upload=upload.id,
                 )
         finally:
             await self._forget(upload)
@@ -471,6 +535,8 @@ class Multipart:
 
     async def _forget(self, upload: _Upload) -> None:
         self._uploads.pop(upload.id, None)
+        if upload.mode == BACK:
+            await self._store.forget_upload(upload.id)
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(None, shutil.rmtree, upload.dir, True)
         if upload.shared is not None:
@@ -591,3 +657,42 @@ def _complete_answer(upload: _Upload, etag: str) -> web.Response:
         ],
     )
 
+
+
+def _state(upload: _Upload) -> str:
+    """What a write-back upload's row saves of it (its parts have rows of their own)."""
+    return json.dumps(
+        {
+            "headers": upload.headers,
+            "content_type": upload.content_type,
+            "stored": upload.stored,
+            "stride": upload.stride,
+            "dir": upload.dir_number,
+        }
+    )
+
+
+def _part_state(part: _Part) -> str:
+    return json.dumps(
+        {
+            "file": None if part.shared else part.path.name,
+            "offset": part.offset,
+            "size": part.size,
+            "md5": part.md5,
+            "blocks": sorted(part.blocks.items()),
+        }
+    )
+
+
+def _pairs(items: list[list[str]]) -> tuple[tuple[str, str], ...]:
+    return tuple((name, value) for name, value in items)
+
+
+def _remove_spools(cache_dirs: tuple[Path, ...], keep: set[Path]) -> None:
+    """Every upload's spool dir but those of ``keep``."""
+    for directory in cache_dirs:
+        spool = directory / SPOOL_DIR
+        with contextlib.suppress(FileNotFoundError):
+            for path in spool.iterdir():
+                if path not in keep:
+                    shutil.rmtree(path, ignore_errors=True)

@@ -812,9 +812,11 @@ class Writer:
         parts: tuple[tuple[int, str], ...],
         join: Joiner,
         changed: Changed,
+        *,
+        completed_upload: str,
     ) -> None:
         """A completed write-back multipart upload: its file made (fsync'd by ``join``),
-        then its entry and journal row committed."""
+        then its entry and journal row committed (and the upload's saved rows gone)."""
         await self.check_bucket(bucket)
         self._count(BACK)
         self._spooling += meta.size
@@ -824,7 +826,7 @@ class Writer:
                 await changed()
                 await self._filler.invalidate(bucket, key)
                 entry, seq = await self._store.adopt(
-                    bucket, key, meta, place, blocks, headers, parts
+                    bucket, key, meta, place, blocks, headers, parts, completed_upload
                 )
             except BaseException:
                 with contextlib.suppress(OSError):

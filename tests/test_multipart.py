@@ -181,3 +181,75 @@ def test_write_back_checks_each_parts_digests_as_s3_does(
         )
         assert get(client, bucket, "k") == body
         assert _verify(cached)["orphan_files"] == 0
+
+
+def test_a_write_back_upload_goes_on_after_a_sigkill(
+    tmp_path: Path, upstream: SeaweedS3, bucket: str
+) -> None:
+    """Acknowledged parts are durable: s3cache killed between parts, started again on
+    the same directory, takes the next parts and the completion of the same upload."""
+    import signal
+
+    extra = ("--write-rule", f"{bucket}=back", "--block-size", "1MiB")
+    with running_cache(tmp_path, upstream, *extra, cache_size="256MiB") as cached:
+        cached.relay.fault = Fault(status=503, match_method="PUT")  # nothing upstream yet
+        client = cached.client
+        upload_id = client.create_multipart_upload(Bucket=bucket, Key="ckpt.pt")["UploadId"]
+        bodies = {n: os.urandom(5 * MIB) for n in (1, 2, 3)}
+        bodies[4] = os.urandom(MIB + 5)
+        etags = {}
+
+        def send(number: int) -> None:
+            etags[number] = client.upload_part(
+                Bucket=bucket, Key="ckpt.pt", UploadId=upload_id, PartNumber=number,
+                Body=bodies[number],
+            )["ETag"]
+
+        send(2)
+        send(1)
+        bodies[2] = os.urandom(5 * MIB)  # sent again: a file of its own
+        send(2)
+        cached.proxy.send_signal(signal.SIGKILL)
+        cached.proxy.wait(10)
+        cached.proxy.start()
+        send(3)
+        send(4)
+        client.complete_multipart_upload(
+            Bucket=bucket,
+            Key="ckpt.pt",
+            UploadId=upload_id,
+            MultipartUpload={
+                "Parts": [{"PartNumber": n, "ETag": etags[n]} for n in sorted(etags)]
+            },
+        )
+        body = b"".join(bodies[n] for n in sorted(bodies))
+        cached.relay.reset()
+        assert get(client, bucket, "ckpt.pt") == body
+        assert cached.relay.count("GET") == 0
+        # An upload nobody completes is still there after a restart too; an aborted
+        # one is gone, and its parts' files with it.
+        other = client.create_multipart_upload(Bucket=bucket, Key="other")["UploadId"]
+        client.upload_part(
+            Bucket=bucket, Key="other", UploadId=other, PartNumber=1, Body=bodies[1]
+        )
+        cached.proxy.stop()
+        cached.proxy.start()
+        client.abort_multipart_upload(Bucket=bucket, Key="other", UploadId=other)
+        cached.relay.fault = None  # (an UploadId s3cache does not know goes upstream)
+        with pytest.raises(ClientError, match="NoSuchUpload"):
+            client.upload_part(
+                Bucket=bucket, Key="other", UploadId=other, PartNumber=2, Body=bodies[1]
+            )
+        report = _verify(cached)
+        assert report["entries"] == 1 and report["orphan_files"] == 0
+        assert report["corrupt_blocks"] == 0
+        urllib.request.urlopen(
+            urllib.request.Request(
+                f"{cached.proxy.endpoint_url}/_s3cache/flush", data=b"", method="POST"
+            ),
+            timeout=120,
+        ).read()
+        stored = cached.direct.get_object(Bucket=bucket, Key="ckpt.pt")
+        assert stored["Body"].read() == body
+        md5s = b"".join(hashlib.md5(bodies[n]).digest() for n in sorted(bodies))
+        assert stored["ETag"] == f'"{hashlib.md5(md5s).hexdigest()}-4"'

@@ -62,7 +62,7 @@ from s3cache.metrics import (
 )
 from s3cache.store import files, policy
 from s3cache.store.entry import Entry, ObjectMeta
-from s3cache.store.index import MAIN, SMALL, EntryRow, Index, PendingRow
+from s3cache.store.index import MAIN, SMALL, EntryRow, Index, PendingRow, UploadRow
 
 log = logging.getLogger(__name__)
 
@@ -173,6 +173,7 @@ class CacheStore:
         self.keep: set[int] = set()
         self.keep_keys: dict[tuple[str, str], int] = {}
         self.pending_at_open: list[PendingRow] = []  # the journal as found at start-up
+        self.uploads_at_open: list[UploadRow] = []  # write-back multipart uploads, likewise
         self.spooling: set[str] = set()  # files uploads are writing: not orphans yet
 
     # --- lifecycle ---------------------------------------------------------------
@@ -185,6 +186,8 @@ class CacheStore:
             self.pending_at_open = index.pending()
             self.keep = {row.entry_id for row in self.pending_at_open}
             self.keep_keys = {(row.bucket, row.key): row.entry_id for row in self.pending_at_open}
+            self.uploads_at_open = index.uploads()
+            self.spooling.update(row.shared[1] for row in self.uploads_at_open if row.shared)
             return index, index.used_bytes(), index.entry_count()
 
         self._index, self.used, self.entries = await self._in_index_thread(open_index)
@@ -331,6 +334,10 @@ class CacheStore:
         self.spooling.add(name)  # until ``adopt`` or ``release_file``
         return directory, name, files.file_path(self._dirs[directory], name)
 
+    def file_at(self, place: tuple[int, str]) -> Path:
+        """The path of the file at ``place`` (cache dir number, name)."""
+        return files.file_path(self._dirs[place[0]], place[1])
+
     def release_file(self, name: str) -> None:
         """A file from ``new_file`` that will not be adopted (removed by its writer)."""
         self.spooling.discard(name)
@@ -344,13 +351,15 @@ class CacheStore:
         blocks: dict[int, int],
         upload_headers: tuple[tuple[str, str], ...] | None = None,
         parts: tuple[tuple[int, str], ...] | None = None,
+        completed_upload: str | None = None,
     ) -> tuple[Entry, int | None]:
         """Make a complete file already written (and, for write-back, fsync'd) at
         ``place`` (from ``new_file``) the entry of bucket/key, replacing any entry of the
         key: data first, then its rows. With ``upload_headers`` it is a write-back
         object: its journal row is committed with the entry, the entry is kept from
-        eviction and never revalidated until it is upstream (``uploaded``). Returns the
-        entry and the journal seq."""
+        eviction and never revalidated until it is upstream (``uploaded``);
+        ``completed_upload``: the saved multipart upload it completes (its rows go in the
+        same commit). Returns the entry and the journal seq."""
         old = await self.lookup(bucket, key)
         if old is not None:
             await self.drop(old)
@@ -373,7 +382,7 @@ class CacheStore:
         )
         try:
             entry_id, seq = await self._index_write(
-                self.index.insert_whole, row, upload_headers, parts
+                self.index.insert_whole, row, upload_headers, parts, completed_upload
             )
         finally:
             self.spooling.discard(place[1])  # claimed by its row now, or to be removed
@@ -387,6 +396,28 @@ class CacheStore:
         self._remember(entry)
         self._evict_needed.set()
         return entry, seq
+
+    async def save_upload(self, upload_id: str, bucket: str, key: str, state: str) -> None:
+        """A write-back multipart upload, durable before its UploadId is answered."""
+        await self._index_write(self.index.save_upload, upload_id, bucket, key, state)
+
+    async def save_part(
+        self,
+        upload_id: str,
+        number: int,
+        state: str,
+        upload_state: str,
+        shared: tuple[int, str] | None,
+    ) -> bool:
+        """An upload's part, durable before it is answered (its bytes fsync'd first);
+        False if the upload is gone."""
+        saved: bool = await self._index_write(
+            self.index.save_part, upload_id, number, state, upload_state, shared
+        )
+        return saved
+
+    async def forget_upload(self, upload_id: str) -> None:
+        await self._index_write(self.index.delete_upload, upload_id)
 
     async def uploaded(self, seq: int, entry_id: int, meta: ObjectMeta | None) -> None:
         """A write-back object is upstream (``meta``: as the upstream describes it now;

@@ -10,6 +10,9 @@ here is blocking and is never called on the event loop.
              confirmed by the upstream: the journal (``writes``). Committed with its
              entry and blocks after the file's bytes are fsync'd; deleted with the
              entry (a newer write of the key supersedes it) or once uploaded
+    uploads, upload_parts  the write-back multipart uploads not completed yet and
+             their acknowledged parts (``multipart``): a part's row is committed
+             after its bytes are fsync'd; the rows go with the completion's commit
 
 A block row is inserted only after the block's bytes are in the file; an entry's rows
 are deleted (and committed) before its file is unlinked (``store.cache``).
@@ -62,6 +65,20 @@ CREATE TABLE IF NOT EXISTS writeback (
     parts TEXT  -- a multipart upload's parts, [[size, md5 hex], ...]; NULL: one PUT
 );
 CREATE INDEX IF NOT EXISTS writeback_by_entry ON writeback (entry_id);
+CREATE TABLE IF NOT EXISTS uploads (
+    id TEXT PRIMARY KEY,  -- a write-back multipart upload's UploadId, not completed yet
+    bucket TEXT NOT NULL,
+    key TEXT NOT NULL,
+    state TEXT NOT NULL,  -- JSON (``multipart``)
+    dir INTEGER,  -- its shared file, once it has one
+    file TEXT
+);
+CREATE TABLE IF NOT EXISTS upload_parts (
+    upload_id TEXT NOT NULL REFERENCES uploads (id) ON DELETE CASCADE,
+    number INTEGER NOT NULL,
+    state TEXT NOT NULL,  -- JSON (``multipart``)
+    PRIMARY KEY (upload_id, number)
+) WITHOUT ROWID;
 """
 # Columns added since the first schema: (name, declaration) for ALTER TABLE.
 _ADDED_COLUMNS = (
@@ -107,6 +124,18 @@ class PendingRow:
     headers: tuple[tuple[str, str], ...]  # the upload's request headers
     acknowledged_at: float
     parts: tuple[tuple[int, str], ...] | None = None  # multipart: (size, md5 hex) each
+
+
+@dataclass(frozen=True, slots=True)
+class UploadRow:
+    """A write-back multipart upload not completed yet, as ``multipart`` saved it."""
+
+    id: str
+    bucket: str
+    key: str
+    state: str  # JSON
+    shared: tuple[int, str] | None  # its shared file (dir, name)
+    parts: dict[int, str]  # part number -> JSON
 
 
 _ENTRY_COLUMNS = (
@@ -211,12 +240,14 @@ class Index:
         row: EntryRow,
         upload_headers: tuple[tuple[str, str], ...] | None = None,
         parts: tuple[tuple[int, str], ...] | None = None,
+        completed_upload: str | None = None,
     ) -> tuple[int, int | None]:
         """Insert an entry with all its blocks (``row.blocks``: its file is complete and
         written), replacing any entry of the key, in one commit; with
         ``upload_headers``, its write-back journal row too, committed with
         ``synchronous=FULL`` (durable against an OS crash, not only a process crash).
-        Returns the entry id and the journal seq (None without one)."""
+        ``completed_upload``: the multipart upload it completes, whose rows go in the
+        same commit. Returns the entry id and the journal seq (None without one)."""
         if upload_headers is not None:
             self._db.execute("PRAGMA synchronous=FULL")
         try:
@@ -239,6 +270,8 @@ class Index:
                         ),
                     )
                     seq = cursor.lastrowid
+                if completed_upload is not None:
+                    self._db.execute("DELETE FROM uploads WHERE id = ?", (completed_upload,))
         finally:
             if upload_headers is not None:
                 self._db.execute("PRAGMA synchronous=NORMAL")
@@ -436,13 +469,75 @@ class Index:
             (*args, limit),
         ).fetchall()
 
+    # --- write-back multipart uploads (durable: synchronous=FULL) -----------------
+
+    def save_upload(self, upload_id: str, bucket: str, key: str, state: str) -> None:
+        with self._durably():
+            self._db.execute(
+                "INSERT INTO uploads (id, bucket, key, state) VALUES (?, ?, ?, ?)",
+                (upload_id, bucket, key, state),
+            )
+
+    def save_part(
+        self,
+        upload_id: str,
+        number: int,
+        state: str,
+        upload_state: str,
+        shared: tuple[int, str] | None,
+    ) -> bool:
+        """A part's row (replacing one of the same number), with the upload's state now
+        and where its shared file is; False if the upload is gone."""
+        directory, name = shared if shared is not None else (None, None)
+        with self._durably():
+            if not self._db.execute(
+                "UPDATE uploads SET state = ?, dir = ?, file = ? WHERE id = ?",
+                (upload_state, directory, name, upload_id),
+            ).rowcount:
+                return False
+            self._db.execute(
+                "INSERT OR REPLACE INTO upload_parts (upload_id, number, state) VALUES (?, ?, ?)",
+                (upload_id, number, state),
+            )
+        return True
+
+    def delete_upload(self, upload_id: str) -> None:
+        with self._durably():
+            self._db.execute("DELETE FROM uploads WHERE id = ?", (upload_id,))
+
+    def uploads(self) -> list[UploadRow]:
+        """Every write-back multipart upload not completed, with its parts' rows."""
+        parts: dict[str, dict[int, str]] = {}
+        for upload_id, number, state in self._db.execute(
+            "SELECT upload_id, number, state FROM upload_parts"
+        ):
+            parts.setdefault(upload_id, {})[number] = state
+        return [
+            UploadRow(upload_id, bucket, key, state, None if file is None else (dir, file),
+                      parts.get(upload_id, {}))
+            for upload_id, bucket, key, state, dir, file in self._db.execute(
+                "SELECT id, bucket, key, state, dir, file FROM uploads"
+            )
+        ]
+
+    @contextlib.contextmanager
+    def _durably(self) -> Iterator[None]:
+        """One commit with ``synchronous=FULL``."""
+        self._db.execute("PRAGMA synchronous=FULL")
+        try:
+            with self._transaction():
+                yield
+        finally:
+            self._db.execute("PRAGMA synchronous=NORMAL")
+
     def unknown_files(self, directory: int, names: list[str]) -> list[str]:
         """Those of ``names`` (files found in a cache dir) that no entry claims."""
         marks = ",".join("?" * len(names))
         known = {
             name
+            for table in ("entries", "uploads")
             for (name,) in self._db.execute(
-                f"SELECT file FROM entries WHERE dir = ? AND file IN ({marks})",
+                f"SELECT file FROM {table} WHERE dir = ? AND file IN ({marks})",
                 (directory, *names),
             )
         }
