@@ -385,3 +385,28 @@ def test_file_cut_short_mid_response_aborts_it_and_heals(
         assert got == body[: len(got)]
         assert_heals(cached, bucket, "big", body)
         log_has_no_500(cached)
+
+
+def test_a_file_damaged_before_a_secondary_opens_it_is_not_served(
+    two_workers: tuple[Cached, Path], bucket: str
+) -> None:
+    """The primary announced the object (every block checked), then the file was
+    damaged before any secondary opened it: a secondary serves only the file as the
+    primary checked it, so its first open must not take the damaged file for it."""
+    cached, workdir = two_workers
+    before = set(data_files(workdir))
+    body = put(cached, bucket, "obj", SIZE)
+    read_ok(cached, bucket, "obj", body)  # answered by the primary: announced to all
+    cached.settle()
+    (path,) = set(data_files(workdir)) - before
+    time.sleep(READS_FLUSH_SECONDS * 2)  # the announcement is on the channel
+    served_before = settled_secondary_reads(cached)
+    flip_byte(path)
+    read_many(cached, bucket, "obj", body)  # some on the secondary: right bytes only
+    cached.settle()
+    read_many(cached, bucket, "obj", body)
+    deadline = time.monotonic() + 10
+    while secondary_reads(cached) == served_before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert secondary_reads(cached) > served_before  # the secondary serves it, healed
+    log_has_no_500(cached)

@@ -72,12 +72,11 @@ _NOT_PASSED_ON = HOP_BY_HOP | {WORKER_HEADER.lower(), CLIENT_HEADER.lower()}
 
 
 class _Replica:
-    __slots__ = ("fd", "gone", "pins", "ready", "stamp")
+    __slots__ = ("fd", "gone", "pins", "ready")
 
     def __init__(self, ready: Ready) -> None:
         self.ready = ready
         self.fd: int | None = None
-        self.stamp: files.Stamp | None = None  # of fd when opened: the file was complete
         self.pins = 0
         self.gone = False
 
@@ -242,9 +241,10 @@ class Secondary:
                 count_read(request, CacheOutcome.HIT)
                 return response
             fd = await self._fd(replica)
-            if files.stamp(fd) != replica.stamp:
-                # Changed since it was opened complete: by someone else (the primary
-                # writes no complete file). The primary checks it again and heals it.
+            if replica.ready.stamp is None or files.stamp(fd) != replica.ready.stamp:
+                # Not the file whose every block the primary checked (changed since, by
+                # someone else: the primary writes no complete file). The primary
+                # checks it again and heals it.
                 raise _Stale()
             await response.prepare(request)
             try:
@@ -269,7 +269,6 @@ class Secondary:
                 raise _Stale() from exc
             if replica.fd is None and not replica.gone:
                 replica.fd = fd
-                replica.stamp = files.stamp(fd)
             else:
                 os.close(fd)  # another request opened it meanwhile, or it went
                 if replica.fd is None:

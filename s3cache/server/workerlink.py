@@ -25,6 +25,7 @@ from aiohttp import web
 from s3cache.errors import AccessDenied
 from s3cache.signing import Signer
 from s3cache.store.entry import Entry, ObjectMeta
+from s3cache.store.files import Stamp
 
 WORKER_HEADER = "X-S3cache-Worker"
 CLIENT_HEADER = "X-S3cache-Client"
@@ -72,11 +73,15 @@ class Ready:
     path: str
     validated_at: float
     meta: ObjectMeta
+    # The file as the primary checked every block of it: a secondary serves it only
+    # while its open file is still that (a file changed since is the primary's to check).
+    stamp: Stamp | None
 
     @classmethod
     def of(cls, entry: Entry) -> Ready:
         return cls(
-            entry.id, entry.bucket, entry.key, str(entry.path), entry.validated_at, entry.meta
+            entry.id, entry.bucket, entry.key, str(entry.path), entry.validated_at, entry.meta,
+            entry.stamp,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -91,6 +96,7 @@ class Ready:
             "size": m.size,
             "last_modified": m.last_modified,
             "headers": [list(pair) for pair in m.headers],
+            "stamp": None if self.stamp is None else list(self.stamp),
         }
 
     @classmethod
@@ -108,6 +114,7 @@ class Ready:
             data["path"],
             float(data["validated_at"]),
             meta,
+            None if data.get("stamp") is None else Stamp(*(int(v) for v in data["stamp"])),
         )
 
 
