@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from datetime import datetime
 from functools import lru_cache
+from typing import Protocol
 
 from aiohttp import web
 
@@ -105,19 +106,14 @@ class Reader:
         assert address.bucket is not None and address.key is not None
         rule = self._settings.current.rule_for(address.bucket, address.key)
         request[RULE] = DEFAULT_RULE if rule is None else rule.name
-        try:
-            if rule is not None and not await self._admitted(request, rule, address):
-                response = await self._bypass(request, address)
-                if request.method == "GET" and response.status < 300:
-                    labelled(RULE_SERVED_BYTES, request[RULE], ByteSource.UPSTREAM.value).inc(
-                        response.content_length or 0
-                    )
-                return response
-            return await self._read(request, address)
-        finally:
-            outcome = request.get(OUTCOME)
-            if outcome is not None:
-                labelled(RULE_READS, request[RULE], outcome.value).inc()
+        if rule is not None and not await self._admitted(request, rule, address):
+            response = await self._bypass(request, address)
+            if request.method == "GET" and response.status < 300:
+                labelled(RULE_SERVED_BYTES, request[RULE], ByteSource.UPSTREAM.value).inc(
+                    response.content_length or 0
+                )
+            return response
+        return await self._read(request, address)
 
     async def _admitted(self, request: web.Request, rule: CacheRule, address: S3Address) -> bool:
         """Is the object to be read through the cache? Not under a ``never`` rule; under
@@ -202,38 +198,8 @@ class Reader:
     async def _answer(
         self, request: web.Request, address: S3Address, entry: Entry, opened: bool, demand: Demand
     ) -> web.StreamResponse:
-        meta = entry.meta
         self._store.touch(entry)
-        response, span = response_for(request, address, meta)
-        if response.status == 304:
-            count_read(request, CacheOutcome.NOT_MODIFIED)
-            return response
-        if self.on_read is not None:
-            self.on_read(request, entry)
-        if request.method == "HEAD" or not meta.size:
-            outcome = CacheOutcome.MISS if opened else CacheOutcome.HIT
-            await response.prepare(request)
-        else:
-            from_cache = _present_bytes(entry, span.start, span.end + 1)
-            outcome = _outcome(from_cache, span.length)
-            self._prefetcher.observe_read(entry, span.start, span.end + 1)
-            await self._first_bytes_ready(entry, span.start, span.end + 1, demand)
-            await response.prepare(request)
-            try:
-                if await self._stream(request, response, entry, span.start, span.end + 1, demand):
-                    await response.write_eof()
-            except ConnectionError:
-                abort(request)  # the client went away: nothing more to send
-                return response
-            labelled(SERVED_BYTES, ByteSource.CACHE.value).inc(from_cache)
-            labelled(SERVED_BYTES, ByteSource.UPSTREAM.value).inc(span.length - from_cache)
-            rule = request.get(RULE, DEFAULT_RULE)
-            labelled(RULE_SERVED_BYTES, rule, ByteSource.CACHE.value).inc(from_cache)
-            labelled(RULE_SERVED_BYTES, rule, ByteSource.UPSTREAM.value).inc(
-                span.length - from_cache
-            )
-        count_read(request, outcome)
-        return response
+        return await answer(request, address, entry.meta, _EntryBody(self, entry, demand), opened)
 
     async def _first_bytes_ready(self, entry: Entry, offset: int, end: int, demand: Demand) -> None:
         """Before the status line goes out, make sure the version still holds: wait for
@@ -342,6 +308,91 @@ class Reader:
             return False
 
 
+class CachedBody(Protocol):
+    """Where the bytes of a cached answer come from: the primary's entry (filled as it
+    streams, ``_EntryBody``) or a secondary's replica (a complete file)."""
+
+    def announce(self, request: web.Request) -> None:
+        """The answer is not a 304: it goes out from now on."""
+
+    async def ready(self, span: ByteRange) -> int:
+        """Before the status line: make sure the bytes can be sent (raise if not:
+        nothing is sent yet). Returns how many of the span's bytes the cache holds."""
+
+    async def send(
+        self, request: web.Request, response: web.StreamResponse, span: ByteRange
+    ) -> bool:
+        """Send the span's bytes; False if the response had to be aborted."""
+
+
+async def answer(
+    request: web.Request,
+    address: S3Address,
+    meta: ObjectMeta,
+    body: CachedBody,
+    opened: bool = False,
+) -> web.StreamResponse:
+    """The answer to a GET/HEAD of a cached object version, the primary's and the
+    secondaries' alike: conditionals, range and headers from the metadata, the bytes
+    from ``body``, the read and its bytes counted. ``opened``: the entry was created for
+    this request (an answer without a body is then a miss)."""
+    response, span = response_for(request, address, meta)
+    if response.status == 304:
+        count_read(request, CacheOutcome.NOT_MODIFIED)
+        return response
+    body.announce(request)
+    if request.method == "HEAD" or not meta.size:
+        await response.prepare(request)
+        count_read(request, CacheOutcome.MISS if opened else CacheOutcome.HIT)
+        return response
+    from_cache = await body.ready(span)
+    await response.prepare(request)
+    try:
+        if await body.send(request, response, span):
+            await response.write_eof()
+    except ConnectionError:
+        abort(request)  # the client went away: nothing more to send
+        return response
+    rule = request.get(RULE, DEFAULT_RULE)
+    for source, count in (
+        (ByteSource.CACHE, from_cache),
+        (ByteSource.UPSTREAM, span.length - from_cache),
+    ):
+        labelled(SERVED_BYTES, source.value).inc(count)
+        labelled(RULE_SERVED_BYTES, rule, source.value).inc(count)
+    count_read(request, _outcome(from_cache, span.length))
+    return response
+
+
+class _EntryBody:
+    """The primary's entry as a CachedBody: missing blocks are fetched as it streams."""
+
+    __slots__ = ("_demand", "_entry", "_reader")
+
+    def __init__(self, reader: Reader, entry: Entry, demand: Demand) -> None:
+        self._reader = reader
+        self._entry = entry
+        self._demand = demand
+
+    def announce(self, request: web.Request) -> None:
+        if self._reader.on_read is not None:
+            self._reader.on_read(request, self._entry)
+
+    async def ready(self, span: ByteRange) -> int:
+        entry, start, end = self._entry, span.start, span.end + 1
+        from_cache = _present_bytes(entry, start, end)
+        self._reader._prefetcher.observe_read(entry, start, end)
+        await self._reader._first_bytes_ready(entry, start, end, self._demand)
+        return from_cache
+
+    async def send(
+        self, request: web.Request, response: web.StreamResponse, span: ByteRange
+    ) -> bool:
+        return await self._reader._stream(
+            request, response, self._entry, span.start, span.end + 1, self._demand
+        )
+
+
 def response_for(
     request: web.Request, address: S3Address, meta: ObjectMeta
 ) -> tuple[web.StreamResponse, ByteRange]:
@@ -388,8 +439,11 @@ def _last_modified(text: str) -> datetime:
 
 
 def count_read(request: web.Request, outcome: CacheOutcome) -> None:
+    """How a cacheable read was answered (once per request): its metrics, overall and
+    by cache rule, and its access log line."""
     request[OUTCOME] = outcome
     labelled(CACHE_READS, outcome.value).inc()
+    labelled(RULE_READS, request.get(RULE, DEFAULT_RULE), outcome.value).inc()
 
 
 def _present_bytes(entry: Entry, start: int, end: int) -> int:

@@ -100,6 +100,9 @@ def test_both_workers_serve_and_the_metrics_count_every_request_once(
     assert metric_total(text, 's3cache_requests_total{operation="get_object"') == len(keys)
     served = metric_total(text, "s3cache_served_bytes_total")
     assert served == sum(len(bodies[key]) for key in keys)
+    # The secondary's hits are counted as the primary's are, by cache rule too.
+    assert metric_total(text, "s3cache_rule_served_bytes_total") == served
+    assert metric_total(text, "s3cache_rule_reads_total") == len(keys)
     assert metric_total(text, "s3cache_cache_capacity_bytes") == 256 * 1024**2
 
 

@@ -33,13 +33,13 @@ import yarl
 from aiohttp import web
 from multidict import CIMultiDict
 
-from s3cache.config import LiveSettings, WorkerRole
+from s3cache.config import DEFAULT_RULE, LiveSettings, WorkerRole
 from s3cache.errors import AccessDenied, ServiceUnavailable
-from s3cache.forward import HOP_BY_HOP, abort, relay_response
-from s3cache.metrics import SERVED_BYTES, ByteSource, CacheOutcome, labelled
-from s3cache.reader import Reader, count_read, response_for
+from s3cache.forward import HOP_BY_HOP, relay_response
+from s3cache.reader import RULE, Reader, answer
 from s3cache.s3.addressing import S3Address, resolve
 from s3cache.s3.operations import classify
+from s3cache.s3.ranges import ByteRange
 from s3cache.sendfile import send_file_range
 from s3cache.server.admin import ADMIN_PREFIX
 from s3cache.server.auth import Authenticator
@@ -170,6 +170,37 @@ class _Stale(Exception):
     """The announced file is gone: the primary answers instead."""
 
 
+class _ReplicaBody:
+    """An announced object's complete file as the CachedBody of a hit."""
+
+    __slots__ = ("_fd", "_replica", "_secondary")
+
+    def __init__(self, secondary: Secondary, replica: _Replica) -> None:
+        self._secondary = secondary
+        self._replica = replica
+        self._fd = -1
+
+    def announce(self, request: web.Request) -> None:
+        pass
+
+    async def ready(self, span: ByteRange) -> int:
+        replica = self._replica
+        self._fd = fd = await self._secondary._fd(replica)
+        if replica.ready.stamp is None or files.stamp(fd) != replica.ready.stamp:
+            # Not the file whose every block the primary checked (changed since, by
+            # someone else: the primary writes no complete file). The primary
+            # checks it again and heals it.
+            raise _Stale()
+        return span.length
+
+    async def send(
+        self, request: web.Request, response: web.StreamResponse, span: ByteRange
+    ) -> bool:
+        await send_file_range(request, response, self._fd, span.start, span.length)
+        self._secondary.replicas.record_read(self._replica, span.start, span.end + 1)
+        return True
+
+
 class Secondary:
     def __init__(self, live: LiveSettings, role: WorkerRole) -> None:
         self._live = live
@@ -219,6 +250,8 @@ class Secondary:
             return await self.proxy(request)  # the primary revalidates it
         request[OPERATION] = classify(request.method, address, request.headers)
         request[BUCKET] = address.bucket
+        rule = settings.rule_for(address.bucket, address.key)
+        request[RULE] = DEFAULT_RULE if rule is None else rule.name
         request[KEY_ID] = request.app[AUTH].authorize(request, address)
         try:
             return await self._serve(request, address, replica)
@@ -229,34 +262,9 @@ class Secondary:
     async def _serve(
         self, request: web.Request, address: S3Address, replica: _Replica
     ) -> web.StreamResponse:
-        meta = replica.ready.meta
         replica.pins += 1
         try:
-            response, span = response_for(request, address, meta)
-            if response.status == 304:
-                count_read(request, CacheOutcome.NOT_MODIFIED)
-                return response
-            if request.method == "HEAD" or not meta.size:
-                await response.prepare(request)
-                count_read(request, CacheOutcome.HIT)
-                return response
-            fd = await self._fd(replica)
-            if replica.ready.stamp is None or files.stamp(fd) != replica.ready.stamp:
-                # Not the file whose every block the primary checked (changed since, by
-                # someone else: the primary writes no complete file). The primary
-                # checks it again and heals it.
-                raise _Stale()
-            await response.prepare(request)
-            try:
-                await send_file_range(request, response, fd, span.start, span.length)
-                await response.write_eof()
-            except ConnectionError:
-                abort(request)
-                return response
-            labelled(SERVED_BYTES, ByteSource.CACHE.value).inc(span.length)
-            self.replicas.record_read(replica, span.start, span.end + 1)
-            count_read(request, CacheOutcome.HIT)
-            return response
+            return await answer(request, address, replica.ready.meta, _ReplicaBody(self, replica))
         finally:
             replica.pins -= 1
             replica.close_if_unused()
