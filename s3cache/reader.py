@@ -44,7 +44,7 @@ from s3cache.s3.objectmeta import (
     not_modified_headers,
     object_headers,
 )
-from s3cache.s3.ranges import ByteRange, is_multi_range, parse_range
+from s3cache.s3.ranges import ByteRange, RangeHeader
 from s3cache.sendfile import send_file_range
 from s3cache.store.cache import CacheStore, CacheWriteError
 from s3cache.store.entry import Entry, ObjectMeta
@@ -56,6 +56,8 @@ log = logging.getLogger(__name__)
 OUTCOME = web.RequestKey("outcome", CacheOutcome)
 # The name of the cache rule of the object read (its metrics label).
 RULE = web.RequestKey("rule", str)
+# The request's Range header, parsed once (``requested_range``).
+RANGE = web.RequestKey("range", RangeHeader)
 
 # Query parameters of a plain GetObject/HeadObject: anything else is another operation
 # (?tagging, ?acl, ?attributes…) or a read the cache cannot answer (?versionId,
@@ -99,7 +101,7 @@ class Reader:
                 for name, _ in address.query
             )
             and _SSE_C not in request.headers
-            and not is_multi_range(request.headers.get("Range"))
+            and not requested_range(request).multi
         )
 
     async def read(self, request: web.Request, address: S3Address) -> web.StreamResponse:
@@ -167,8 +169,13 @@ class Reader:
         entry = self._store.peek(bucket, key)
         created = False
         if entry is None or entry.dropped:
-            suffix = _is_suffix_range(request.headers.get("Range"))
-            first_block = None if request.method == "HEAD" or suffix else self._first_block(request)
+            wanted = requested_range(request)
+            # A HEAD, or a range from the end, opens with a HEAD (the size first).
+            first_block = (
+                None
+                if request.method == "HEAD" or wanted.suffix
+                else wanted.first_byte // self._store.block_size
+            )
             opened = await self._filler.open(bucket, key, first_block, demand=demand)
             if opened.response is not None:
                 if opened.uncacheable or opened.response.method != request.method:
@@ -185,15 +192,6 @@ class Reader:
         if not created and ttl != math.inf and time.time() - entry.validated_at > ttl:
             return await self._filler.revalidate(entry), False
         return entry, created
-
-    def _first_block(self, request: web.Request) -> int:
-        """The block of the first byte a GET asks for (0 if it cannot tell)."""
-        header = request.headers.get("Range", "")
-        try:
-            start = int(header.strip().lower().removeprefix("bytes=").split("-", 1)[0])
-        except ValueError:
-            return 0
-        return start // self._store.block_size
 
     async def _answer(
         self, request: web.Request, address: S3Address, entry: Entry, opened: bool, demand: Demand
@@ -407,7 +405,7 @@ def response_for(
     if precondition is Precondition.NOT_MODIFIED:
         return web.Response(status=304, headers=not_modified_headers(meta)), ByteRange(0, -1)
     try:
-        byte_range = parse_range(request.headers.get("Range"), meta.size)
+        byte_range = requested_range(request).resolve(meta.size)
     except InvalidRange as exc:
         exc.headers["Content-Range"] = f"bytes */{meta.size}"
         raise
@@ -430,6 +428,14 @@ class _CoalescedResponse(web.StreamResponse):
     so holding the head back delays nothing.)"""
 
     _send_headers_immediately = False
+
+
+def requested_range(request: web.Request) -> RangeHeader:
+    """The request's Range header, parsed on first use and kept on the request."""
+    parsed = request.get(RANGE)
+    if parsed is None:
+        parsed = request[RANGE] = RangeHeader.parse(request.headers.get("Range"))
+    return parsed
 
 
 @lru_cache(maxsize=4096)
@@ -460,7 +466,3 @@ def _outcome(from_cache: int, total: int) -> CacheOutcome:
     if from_cache == total:
         return CacheOutcome.HIT
     return CacheOutcome.PARTIAL if from_cache else CacheOutcome.MISS
-
-
-def _is_suffix_range(header: str | None) -> bool:
-    return header is not None and header.strip().lower().startswith("bytes=-")

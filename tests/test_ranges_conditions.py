@@ -28,6 +28,7 @@ from s3cache.s3.conditions import (
 )
 from s3cache.s3.ranges import (
     ByteRange,
+    RangeHeader,
     is_multi_range,
     parse_range,
     unsatisfied_content_range,
@@ -198,6 +199,40 @@ def test_is_multi_range(header: str | None, expected: bool) -> None:
     assert is_multi_range(header) is expected
     if expected:
         assert parse_range(header, 10) is None  # S3 serves them whole
+
+
+@pytest.mark.parametrize(
+    ("header", "suffix", "first_byte", "multi"),
+    [
+        (None, False, 0, False),
+        ("bytes=5-9", False, 5, False),
+        ("bytes=300000-", False, 300000, False),
+        ("bytes=-5", True, 0, False),
+        ("bytes=-0", True, 0, False),
+        ("bytes=-", False, 0, False),  # ignored: the whole object, from byte 0
+        ("bytes=9-5", False, 0, False),  # reversed: ignored, likewise
+        ("bytes=0-1,5-6", False, 0, True),
+        ("items=5-9", False, 0, False),
+    ],
+)
+def test_a_range_header_parsed_once_tells_what_the_reader_needs(
+    header: str | None, suffix: bool, first_byte: int, multi: bool
+) -> None:
+    """What the reader decides before the size is known (which block to open with,
+    whether a HEAD must tell the size first, whether the cache can answer at all) and
+    the range resolved later all come from one parse."""
+    parsed = RangeHeader.parse(header)
+    assert (parsed.suffix, parsed.first_byte, parsed.multi) == (suffix, first_byte, multi)
+    for size in (0, 1, 10, 400000):
+        try:
+            expected: object = parse_range(header, size)
+        except InvalidRange:
+            expected = UNSATISFIABLE
+        try:
+            resolved: object = parsed.resolve(size)
+        except InvalidRange:
+            resolved = UNSATISFIABLE
+        assert resolved == expected
 
 
 sizes = st.integers(min_value=0, max_value=2**63 - 1)

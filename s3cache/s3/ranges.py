@@ -68,6 +68,58 @@ def unsatisfied_content_range(size: int) -> str:
     return f"bytes */{size}"
 
 
+@dataclass(frozen=True, slots=True)
+class RangeHeader:
+    """A request's Range header, parsed once, before the object's size is known; it is
+    resolved against the size (:meth:`resolve`) when the object's metadata is at hand."""
+
+    #: ``(first, last)`` of an int-range (last may be absent), the suffix-length of a
+    #: suffix-range, or None if S3 ignores the header.
+    spec: tuple[int, int | None] | int | None
+    #: Several ranges asked (``bytes=0-1,5-6``): S3 ignores the header; a cache cannot
+    #: answer it as S3 would (``is_multi_range``).
+    multi: bool = False
+
+    @classmethod
+    def parse(cls, header: str | None) -> RangeHeader:
+        if header is None:
+            return _NO_RANGE
+        unit, equals, range_set = header.strip().partition("=")
+        # RFC 9110 §14.1: range units are case-insensitive; an unknown unit is ignored
+        # (§14.2).
+        if not equals or unit.lower() != "bytes":
+            return _NO_RANGE
+        if "," in range_set:
+            return _MULTI_RANGE
+        return cls(_range_spec(range_set))
+
+    @property
+    def suffix(self) -> bool:
+        """A suffix range (``bytes=-n``): where it starts depends on the size."""
+        return isinstance(self.spec, int)
+
+    @property
+    def first_byte(self) -> int:
+        """The first byte asked for, as far as the header alone tells (0 if it cannot)."""
+        return self.spec[0] if isinstance(self.spec, tuple) else 0
+
+    def resolve(self, size: int) -> ByteRange | None:
+        """:func:`parse_range` of the header against an object of ``size`` bytes."""
+        if size < 0:
+            raise ValueError(f"object size cannot be negative: {size}")
+        spec = self.spec
+        if spec is None:
+            return None
+        if isinstance(spec, int):
+            return _suffix_range(spec, size)
+        first, last = spec
+        return _int_range(first, last, size)
+
+
+_NO_RANGE = RangeHeader(None)
+_MULTI_RANGE = RangeHeader(None, multi=True)
+
+
 def parse_range(header: str | None, size: int) -> ByteRange | None:
     """Resolve a Range header against an object of ``size`` bytes.
 
@@ -78,15 +130,7 @@ def parse_range(header: str | None, size: int) -> ByteRange | None:
     The same rules apply to HeadObject, which takes a Range too. Preconditions are
     evaluated first (RFC 9110 §13.2.2 step 5): a 412 or 304 wins over a 416.
     """
-    if size < 0:
-        raise ValueError(f"object size cannot be negative: {size}")
-    spec = _range_spec(header)
-    if spec is None:
-        return None
-    if isinstance(spec, int):
-        return _suffix_range(spec, size)
-    first, last = spec
-    return _int_range(first, last, size)
+    return RangeHeader.parse(header).resolve(size)
 
 
 def is_multi_range(header: str | None) -> bool:
@@ -95,21 +139,12 @@ def is_multi_range(header: str | None) -> bool:
     S3 ignores such a header and serves the whole object with 200, which is also what
     :func:`parse_range` returns for it; this only tells the two cases apart.
     """
-    if header is None:
-        return False
-    unit, equals, range_set = header.strip().partition("=")
-    return bool(equals) and unit.lower() == "bytes" and "," in range_set
+    return RangeHeader.parse(header).multi
 
 
-def _range_spec(header: str | None) -> tuple[int, int | None] | int | None:
-    """``(first, last)`` of an int-range (last may be absent), the suffix-length of a
-    suffix-range, or None if S3 ignores the header."""
-    if header is None:
-        return None
-    unit, equals, range_set = header.strip().partition("=")
-    # RFC 9110 §14.1: range units are case-insensitive; an unknown unit is ignored (§14.2).
-    if not equals or unit.lower() != "bytes":
-        return None
+def _range_spec(range_set: str) -> tuple[int, int | None] | int | None:
+    """``(first, last)`` of a single int-range (last may be absent), the suffix-length
+    of a suffix-range, or None if S3 ignores it."""
     match = _SINGLE_RANGE.fullmatch(range_set)
     if match is None:
         return None
