@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
-import time
 from collections.abc import Callable
 from datetime import datetime
 from functools import lru_cache
@@ -188,8 +186,7 @@ class Reader:
             if opened.entry is None:
                 return None, True
             entry, created = opened.entry, not opened.known
-        ttl = self._settings.current.ttl_for(bucket, key)
-        if not created and ttl != math.inf and time.time() - entry.validated_at > ttl:
+        if not created and entry.stale(self._settings.current.ttl_for(bucket, key)):
             return await self._filler.revalidate(entry), False
         return entry, created
 

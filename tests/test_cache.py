@@ -4,6 +4,7 @@ between: what s3cache asks of the upstream is counted on the upstream's side."""
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import threading
 import time
@@ -17,6 +18,7 @@ import pytest
 from botocore.exceptions import ClientError
 
 from s3cache.sandbox.seaweed import SeaweedS3
+from s3cache.store.entry import stale
 from tests.cached_proxy import BLOCK, Cached, get, put, running_cache
 
 
@@ -419,3 +421,15 @@ def test_listing_cache_can_be_turned_off(tmp_path: Path, upstream: SeaweedS3, bu
         for _ in range(3):
             cached.client.list_objects_v2(Bucket=bucket)
         assert cached.relay.count("GET") == 3
+
+
+def test_staleness_is_one_rule_for_entries_and_for_what_workers_were_told() -> None:
+    """``stale`` decides for the primary's entries and a secondary's announced objects
+    alike: past the TTL since last validated; never under an infinite TTL (immutable),
+    never for a version the upstream has not got yet (validated_at infinite)."""
+    now = 1_000_000.0
+    assert not stale(now - 10, 10, now)
+    assert stale(now - 10.5, 10, now)
+    assert stale(now - 0.001, 0, now)
+    assert not stale(0, math.inf, now)
+    assert not stale(math.inf, 0, now)

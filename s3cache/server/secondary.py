@@ -21,9 +21,7 @@ import asyncio
 import contextlib
 import json
 import logging
-import math
 import os
-import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from typing import Any
@@ -54,6 +52,7 @@ from s3cache.server.workerlink import (
     unix_path,
 )
 from s3cache.store import files
+from s3cache.store.entry import stale
 from s3cache.upstream import Upstream, UpstreamBroken
 
 log = logging.getLogger(__name__)
@@ -245,8 +244,7 @@ class Secondary:
         replica = self.replicas.get(address.bucket, address.key)
         if replica is None:
             return await self.proxy(request)
-        ttl = settings.ttl_for(address.bucket, address.key)
-        if ttl != math.inf and time.time() - replica.ready.validated_at > ttl:
+        if stale(replica.ready.validated_at, settings.ttl_for(address.bucket, address.key)):
             return await self.proxy(request)  # the primary revalidates it
         request[OPERATION] = classify(request.method, address, request.headers)
         request[BUCKET] = address.bucket

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,16 @@ class ObjectMeta:
     size: int
     last_modified: str  # as the upstream sent it (an HTTP date)
     headers: tuple[tuple[str, str], ...]  # the other headers a GET/HEAD answers with
+
+
+def stale(validated_at: float, ttl: float, now: float | None = None) -> bool:
+    """Whether a version the upstream confirmed at ``validated_at`` (``time.time()``;
+    infinite: a write-back not uploaded yet, the cache's own version) has outlived its
+    TTL: it is then asked for again before it is served. The one test of freshness, for
+    entries (``Entry.stale``) and for what a secondary worker was told of them."""
+    if ttl == math.inf:
+        return False
+    return (time.time() if now is None else now) - validated_at > ttl
 
 
 class Entry:
@@ -105,6 +117,10 @@ class Entry:
     @property
     def block_count(self) -> int:
         return -(-self.meta.size // self.block_size)
+
+    def stale(self, ttl: float) -> bool:
+        """Past its TTL since the upstream last confirmed it (``stale``)."""
+        return stale(self.validated_at, ttl)
 
     def block_of(self, offset: int) -> int:
         return offset // self.block_size
