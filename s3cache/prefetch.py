@@ -231,12 +231,13 @@ class Prefetcher:
     def observe_read(self, entry: Entry, start: int, end: int) -> None:
         """A client read bytes [start, end) of an entry: account prefetched blocks it
         uses, grow or reset its read-ahead window, advance a manifest."""
-        now = time.monotonic()
-        for block in range(entry.block_of(start), entry.block_of(end - 1) + 1):
-            landed = entry.prefetched.pop(block, None)
-            if landed is not None:
-                PREFETCH_USEFUL_BYTES.inc(entry.block_length(block))
-                PREFETCH_LEAD.observe(now - landed)
+        if entry.prefetched:  # else no walk over the blocks: the reader made one
+            now = time.monotonic()
+            for block in range(entry.block_of(start), entry.block_of(end - 1) + 1):
+                landed = entry.prefetched.pop(block, None)
+                if landed is not None:
+                    PREFETCH_USEFUL_BYTES.inc(entry.block_length(block))
+                    PREFETCH_LEAD.observe(now - landed)
         self._read_ahead(entry, start, end)
         manifest = self.manifests.get(entry.bucket)
         if manifest is not None:

@@ -225,15 +225,18 @@ class Reader:
         start: int,
         end: int,
         demand: Demand,
+        verified: bool = False,
     ) -> bool:
         """Send bytes [start, end) of the entry: from the file where present, waiting
         for fetches where not, straight from the upstream if the cache cannot help.
+        ``verified``: all of them were found present and checked (``Entry.survey``).
         False if the response had to be aborted."""
         position = start
         failures = 0
         last_block = entry.block_of(end - 1)
         while position < end:
-            present_end = await self._store.verified_until(entry, position, end)
+            present_end = await self._store.verified_until(entry, position, end, verified)
+            verified = False
             if present_end > position:
                 await self._send(request, response, entry, position, present_end)
                 position = present_end
@@ -362,7 +365,7 @@ async def answer(
 class _EntryBody:
     """The primary's entry as a CachedBody: missing blocks are fetched as it streams."""
 
-    __slots__ = ("_demand", "_entry", "_reader")
+    __slots__ = ("_demand", "_entry", "_reader", "_survey")
 
     def __init__(self, reader: Reader, entry: Entry, demand: Demand) -> None:
         self._reader = reader
@@ -375,16 +378,23 @@ class _EntryBody:
 
     async def ready(self, span: ByteRange) -> int:
         entry, start, end = self._entry, span.start, span.end + 1
-        from_cache = _present_bytes(entry, start, end)
+        self._survey = survey = entry.survey(start, end)
         self._reader._prefetcher.observe_read(entry, start, end)
-        await self._reader._first_bytes_ready(entry, start, end, self._demand)
-        return from_cache
+        if survey.missing >= 0:
+            await self._reader._first_bytes_ready(entry, start, end, self._demand)
+        return survey.present
 
     async def send(
         self, request: web.Request, response: web.StreamResponse, span: ByteRange
     ) -> bool:
         return await self._reader._stream(
-            request, response, self._entry, span.start, span.end + 1, self._demand
+            request,
+            response,
+            self._entry,
+            span.start,
+            span.end + 1,
+            self._demand,
+            self._survey.verified,
         )
 
 
@@ -447,16 +457,6 @@ def count_read(request: web.Request, outcome: CacheOutcome) -> None:
     request[OUTCOME] = outcome
     labelled(CACHE_READS, outcome.value).inc()
     labelled(RULE_READS, request.get(RULE, DEFAULT_RULE), outcome.value).inc()
-
-
-def _present_bytes(entry: Entry, start: int, end: int) -> int:
-    """How many of bytes [start, end) are in blocks the cache holds."""
-    total = 0
-    for block in range(entry.block_of(start), entry.block_of(end - 1) + 1):
-        if block in entry.blocks:
-            block_start, block_end = entry.block_range(block)
-            total += min(block_end, end) - max(block_start, start)
-    return total
 
 
 def _outcome(from_cache: int, total: int) -> CacheOutcome:

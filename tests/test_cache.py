@@ -18,7 +18,7 @@ import pytest
 from botocore.exceptions import ClientError
 
 from s3cache.sandbox.seaweed import SeaweedS3
-from s3cache.store.entry import stale
+from s3cache.store.entry import Entry, ObjectMeta, stale
 from tests.cached_proxy import BLOCK, Cached, get, put, running_cache
 
 
@@ -433,3 +433,33 @@ def test_staleness_is_one_rule_for_entries_and_for_what_workers_were_told() -> N
     assert stale(now - 0.001, 0, now)
     assert not stale(0, math.inf, now)
     assert not stale(math.inf, 0, now)
+
+
+def test_one_survey_tells_a_read_what_the_cache_holds_of_its_span() -> None:
+    """The one walk over a span's blocks a read makes: the bytes held, the first block
+    missing, whether every block held was checked (then the span is sent whole)."""
+    meta = ObjectMeta(etag='"e"', size=10 * BLOCK + 5, last_modified="", headers=())
+    entry = Entry(
+        id=1,
+        bucket="b",
+        key="k",
+        meta=meta,
+        dir=0,
+        path=Path("unused"),
+        block_size=BLOCK,
+        blocks={0: 0, 1: 0, 3: 0, 10: 0},
+        validated_at=0.0,
+        accessed_at=0.0,
+    )
+    entry.verified = {0, 1, 10}
+    whole = entry.survey(0, entry.size)
+    assert (whole.present, whole.missing, whole.checked) == (3 * BLOCK + 5, 2, False)
+    assert not whole.verified
+    first = entry.survey(5, 2 * BLOCK)
+    assert (first.present, first.missing, first.verified) == (2 * BLOCK - 5, -1, True)
+    tail = entry.survey(10 * BLOCK + 1, 10 * BLOCK + 3)
+    assert (tail.present, tail.verified) == (2, True)
+    unchecked = entry.survey(3 * BLOCK, 3 * BLOCK + 1)
+    assert (unchecked.missing, unchecked.checked, unchecked.verified) == (-1, False, False)
+    gap = entry.survey(BLOCK, 3 * BLOCK)
+    assert (gap.present, gap.missing) == (BLOCK, 2)

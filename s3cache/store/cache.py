@@ -759,14 +759,22 @@ class CacheStore:
         entry.blocks[block] = xxh3
         entry.verified.add(block)
 
-    async def verified_until(self, entry: Entry, start: int, end: int) -> int:
-        """Like ``entry.present_until``, but only over blocks whose hash this process has
-        checked (or which it wrote): the first present block not yet checked is checked
-        now — once, whatever the number of readers waiting for it — and a damaged block
-        is dropped (and fetched again), never served. Verification thus advances block
-        by block with the readers instead of holding them until a whole range is done."""
+    async def verified_until(
+        self, entry: Entry, start: int, end: int, verified: bool = False
+    ) -> int:
+        """End (exclusive) of the run of present blocks from ``start``, at most ``end``,
+        over blocks whose hash this process has checked (or which it wrote): the first
+        present block not yet checked is checked now — once, whatever the number of
+        readers waiting for it — and a damaged block is dropped (and fetched again),
+        never served. Verification thus advances block by block with the readers instead
+        of holding them until a whole range is done. ``verified``: the caller found all
+        of [start, end) present and checked (``Entry.survey``), which holds unless the
+        file changed since."""
+        stamp = entry.stamp
         if entry.fd is not None and entry.verified and not entry.fetches:
             await self._check_stamp(entry, entry.fd)
+        if verified and entry.stamp is stamp:
+            return end
         position = start
         while position < end:
             block = entry.block_of(position)

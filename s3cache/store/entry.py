@@ -134,12 +134,32 @@ class Entry:
         start, end = self.block_range(block)
         return end - start
 
-    def present_until(self, offset: int, limit: int) -> int:
-        """End (exclusive) of the run of present blocks from ``offset``, at most
-        ``limit``; ``offset`` itself if its block is missing."""
-        block = self.block_of(offset)
-        end = offset
-        while end < limit and block in self.blocks:
-            end = min(self.block_range(block)[1], limit)
-            block += 1
-        return end
+    def survey(self, start: int, end: int) -> Survey:
+        """What the cache holds of bytes [start, end): the one walk over their blocks a
+        read makes before it answers (``reader``)."""
+        blocks, verified, size = self.blocks, self.verified, self.block_size
+        present = 0
+        missing = -1
+        checked = True
+        for block in range(start // size, (end - 1) // size + 1):
+            if block in blocks:
+                checked = checked and block in verified
+                present += min((block + 1) * size, end) - max(block * size, start)
+            elif missing < 0:
+                missing = block
+        return Survey(present, missing, checked)
+
+
+@dataclass(frozen=True, slots=True)
+class Survey:
+    """What ``Entry.survey`` found of a byte span."""
+
+    present: int  # bytes in blocks the cache holds
+    missing: int  # the first block not held; -1 if every block is
+    checked: bool  # every block held was checked by this process (or written by it)
+
+    @property
+    def verified(self) -> bool:
+        """Every block is there and checked: unless the file changed, the whole span
+        can be sent as it is."""
+        return self.missing < 0 and self.checked
