@@ -157,13 +157,31 @@ class BlockFetch:
 
 
 @dataclass(frozen=True, slots=True)
-class Opened:
-    """What opening an uncached object gave: an entry, or an answer to relay as is."""
+class Cached:
+    """Opening gave the object's entry."""
 
-    entry: Entry | None
-    response: aiohttp.ClientResponse | None = None
-    uncacheable: bool = False
-    known: bool = False  # the entry was in the index already
+    entry: Entry
+    known: bool = False  # it was in the index already (not created for this open)
+
+
+@dataclass(frozen=True, slots=True)
+class Relay:
+    """The upstream's answer to the client's own request (an error: 404, 403…), to
+    be sent to the client as it is (and released)."""
+
+    response: aiohttp.ClientResponse
+
+
+@dataclass(frozen=True, slots=True)
+class Bypass:
+    """Nothing to cache (the object cannot be, or the open this one joined failed): the
+    client's request goes upstream, and gets the upstream's own answer."""
+
+    reason: str
+
+
+#: What ``Filler.open`` gives: exactly one of an entry, a relay or a bypass.
+Opened = Cached | Relay | Bypass
 
 
 class Filler:
@@ -186,34 +204,40 @@ class Filler:
         key: str,
         first_block: int | None,
         *,
+        head: bool = False,
         prefetch: bool = False,
         demand: Demand | None = None,
     ) -> Opened:
         """The entry of an object that is not in the in-memory view: from the index, or
-        created with its first block fetch (``first_block``), or from a HEAD (None).
+        created with its first block fetch (``first_block``), or from a HEAD (None). An
+        error answer is a Relay if it answers the client's request (a GET's; a HEAD's
+        when the client's is a HEAD too, ``head``), a Bypass otherwise.
 
         Single-flight per key: concurrent openers share one index lookup and one
-        upstream request; the others wait for the first one's entry (``Opened(None)``
-        if it failed: they then pass their own request through)."""
+        upstream request; the others get the first one's entry (a Bypass if it got
+        none: they then pass their own request through)."""
         pending = self._opening.get((bucket, key))
         if pending is not None:
-            return Opened(await asyncio.shield(pending))
+            shared = await asyncio.shield(pending)
+            return Bypass("the open it joined got no entry") if shared is None else Cached(shared)
         future: asyncio.Future[Entry | None] = asyncio.get_running_loop().create_future()
         self._opening[(bucket, key)] = future
         try:
             indexed = await self._store.lookup(bucket, key)
+            opened: Opened
             if indexed is not None and not indexed.dropped:
-                opened = Opened(indexed, known=True)
+                opened = Cached(indexed, known=True)
             elif first_block is None:
-                opened = await self._open_from_head(bucket, key)
+                opened = await self._open_from_head(bucket, key, head)
             else:
                 opened = await self._open(bucket, key, first_block, prefetch, demand)
-            if (bucket, key) in self._overtaken and opened.entry is not None:
+            entry = opened.entry if isinstance(opened, Cached) else None
+            if (bucket, key) in self._overtaken and entry is not None:
                 # A write finished while this open was in flight: this reader (and
                 # those waiting with it) began before it and may see the old version,
                 # but nobody after it may.
-                await self._store.drop(opened.entry)
-            future.set_result(opened.entry)
+                await self._store.drop(entry)
+            future.set_result(entry)
             return opened
         except BaseException:
             future.set_result(None)
@@ -243,30 +267,36 @@ class Filler:
         )
         if response.status == 416:  # empty object, or starting past its end
             response.release()
-            return await self._open_from_head(bucket, key)
+            return await self._open_from_head(bucket, key, False)
         if response.status not in (200, 206):
-            return Opened(None, response)  # an error answer: the client gets it as it is
+            return Relay(response)  # an error answer: the client gets it as it is
         checked = check_answer("GET", response.status, response.headers, asked)
         entry = await self._keep(bucket, key, checked)
         if entry is None or not entry.size:
             _discard(response, checked)
-            return Opened(entry, uncacheable=entry is None)
+            return Bypass(checked.reason) if entry is None else Cached(entry)
         first = entry.block_of(start)
         # With no room, readers find the blocks missing and serve them uncached.
         with contextlib.suppress(CacheFull):
             self._start(entry, first, first, response, prefetch=prefetch, demand=demand)
-        return Opened(entry)
+        return Cached(entry)
 
-    async def _open_from_head(self, bucket: str, key: str) -> Opened:
-        """Create an entry from a HEAD (no blocks yet)."""
+    async def _open_from_head(self, bucket: str, key: str, head: bool) -> Opened:
+        """Create an entry from a HEAD (no blocks yet). An error answer is relayed to
+        a client's HEAD (``head``); a client's GET goes upstream itself (the error body
+        included)."""
         response = await self._upstream.request(
             "HEAD", self._upstream.url(bucket, key), {}, kind=UpstreamKind.BLOCK
         )
         if response.status != 200:
-            return Opened(None, response)
+            if head:
+                return Relay(response)
+            response.release()
+            return Bypass(f"HEAD answered {response.status}")
         response.release()
-        entry = await self._keep(bucket, key, check_answer("HEAD", 200, response.headers, None))
-        return Opened(entry, uncacheable=entry is None)
+        checked = check_answer("HEAD", 200, response.headers, None)
+        entry = await self._keep(bucket, key, checked)
+        return Bypass(checked.reason) if entry is None else Cached(entry)
 
     async def _keep(self, bucket: str, key: str, checked: Checked) -> Entry | None:
         """The entry of a checked answer's version; None if it is not to be cached (the

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from s3cache.config import Settings
-from s3cache.fill import CacheFull, Filler
+from s3cache.fill import Cached, CacheFull, Filler, Relay
 from s3cache.metrics import PREFETCH_LEAD, PREFETCH_QUEUE_DEPTH, PREFETCH_USEFUL_BYTES
 from s3cache.store.cache import CacheStore
 from s3cache.store.entry import Entry
@@ -435,9 +435,9 @@ class Prefetcher:
             return entry
         first = (item.byte_range[0] if item.byte_range else 0) // self._block_size
         opened = await self._filler.open(item.bucket, item.key, first, prefetch=True)
-        if opened.response is not None:
+        if isinstance(opened, Relay):
             opened.response.release()
-        return opened.entry
+        return opened.entry if isinstance(opened, Cached) else None
 
 
 def _blocks(entry: Entry, start: int, end: int) -> Iterable[int]:

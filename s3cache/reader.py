@@ -19,7 +19,16 @@ from aiohttp import web
 
 from s3cache.config import DEFAULT_RULE, CacheRule, LiveSettings
 from s3cache.errors import InvalidRange, PreconditionFailed, ServiceUnavailable
-from s3cache.fill import BrokenAnswer, CacheFull, Demand, FetchFailed, Filler, VersionChanged
+from s3cache.fill import (
+    BrokenAnswer,
+    Bypass,
+    CacheFull,
+    Demand,
+    FetchFailed,
+    Filler,
+    Relay,
+    VersionChanged,
+)
 from s3cache.forward import abort, forward, relay_response
 from s3cache.metrics import (
     CACHE_READS,
@@ -174,16 +183,13 @@ class Reader:
                 if request.method == "HEAD" or wanted.suffix
                 else wanted.first_byte // self._store.block_size
             )
-            opened = await self._filler.open(bucket, key, first_block, demand=demand)
-            if opened.response is not None:
-                if opened.uncacheable or opened.response.method != request.method:
-                    # Uncacheable, or the HEAD that opened a GET failed: the GET itself
-                    # goes upstream (its error body included).
-                    opened.response.release()
-                    return None, True
+            opened = await self._filler.open(
+                bucket, key, first_block, head=request.method == "HEAD", demand=demand
+            )
+            if isinstance(opened, Relay):
                 async with opened.response:
                     return await relay_response(request, opened.response), True
-            if opened.entry is None:
+            if isinstance(opened, Bypass):
                 return None, True
             entry, created = opened.entry, not opened.known
         if not created and entry.stale(self._settings.current.ttl_for(bucket, key)):
