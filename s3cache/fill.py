@@ -49,6 +49,7 @@ from s3cache.metrics import (
     labelled,
 )
 from s3cache.s3.objectmeta import Checked, Verdict, check_answer
+from s3cache.singleflight import SingleFlight
 from s3cache.store.cache import CacheStore, CacheWriteError
 from s3cache.store.entry import Entry, ObjectMeta
 from s3cache.upstream import OverlongBody, Upstream, UpstreamBroken, iter_body
@@ -192,7 +193,9 @@ class Filler:
         self._per_object = settings.fill_object_concurrency
         self._retries = settings.upstream_retries
         self._backoff = settings.upstream_retry_backoff
-        self._opening: dict[tuple[str, str], asyncio.Future[Entry | None]] = {}
+        # Opens under way: their entry, shared with who asks meanwhile (single-flight).
+        self._opening: SingleFlight[tuple[str, str], Entry | None] = SingleFlight()
+        self._revalidating: SingleFlight[int, None] = SingleFlight()  # by entry id
         self._overtaken: set[tuple[str, str]] = set()  # opens that a write overtook
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -216,34 +219,29 @@ class Filler:
         Single-flight per key: concurrent openers share one index lookup and one
         upstream request; the others get the first one's entry (a Bypass if it got
         none: they then pass their own request through)."""
-        pending = self._opening.get((bucket, key))
-        if pending is not None:
-            shared = await asyncio.shield(pending)
+        joined = self._opening.joined((bucket, key))
+        if joined is not None:
+            shared = await joined
             return Bypass("the open it joined got no entry") if shared is None else Cached(shared)
-        future: asyncio.Future[Entry | None] = asyncio.get_running_loop().create_future()
-        self._opening[(bucket, key)] = future
         try:
-            indexed = await self._store.lookup(bucket, key)
-            opened: Opened
-            if indexed is not None and not indexed.dropped:
-                opened = Cached(indexed, known=True)
-            elif first_block is None:
-                opened = await self._open_from_head(bucket, key, head)
-            else:
-                opened = await self._open(bucket, key, first_block, prefetch, demand)
-            entry = opened.entry if isinstance(opened, Cached) else None
-            if (bucket, key) in self._overtaken and entry is not None:
-                # A write finished while this open was in flight: this reader (and
-                # those waiting with it) began before it and may see the old version,
-                # but nobody after it may.
-                await self._store.drop(entry)
-            future.set_result(entry)
-            return opened
-        except BaseException:
-            future.set_result(None)
-            raise
+            with self._opening.lead((bucket, key), None) as publish:
+                indexed = await self._store.lookup(bucket, key)
+                opened: Opened
+                if indexed is not None and not indexed.dropped:
+                    opened = Cached(indexed, known=True)
+                elif first_block is None:
+                    opened = await self._open_from_head(bucket, key, head)
+                else:
+                    opened = await self._open(bucket, key, first_block, prefetch, demand)
+                entry = opened.entry if isinstance(opened, Cached) else None
+                if (bucket, key) in self._overtaken and entry is not None:
+                    # A write finished while this open was in flight: this reader (and
+                    # those waiting with it) began before it and may see the old
+                    # version, but nobody after it may.
+                    await self._store.drop(entry)
+                publish(entry)
+                return opened
         finally:
-            del self._opening[(bucket, key)]
             self._overtaken.discard((bucket, key))
 
     async def invalidate(self, bucket: str, key: str) -> None:
@@ -513,15 +511,12 @@ class Filler:
         Returns the entry (unchanged), a new entry (changed), or None (gone, or cannot
         be cached): then the request goes upstream. If the upstream cannot be asked,
         the entry is served as it is ("stale-if-error")."""
-        if entry.revalidation is not None:
-            await asyncio.shield(entry.revalidation)
+        joined = self._revalidating.joined(entry.id)
+        if joined is not None:
+            await joined
             return await self._store.lookup(entry.bucket, entry.key)
-        entry.revalidation = asyncio.get_running_loop().create_future()
-        try:
+        with self._revalidating.lead(entry.id, None):
             return await self._revalidate(entry)
-        finally:
-            entry.revalidation.set_result(None)
-            entry.revalidation = None
 
     async def _revalidate(self, entry: Entry) -> Entry | None:
         url = self._upstream.url(entry.bucket, entry.key)

@@ -43,7 +43,12 @@ from s3cache.metrics import (
 from s3cache.prefetch import Prefetcher
 from s3cache.rules import Admission
 from s3cache.s3.addressing import S3Address
-from s3cache.s3.conditions import Precondition, evaluate, parse_http_date
+from s3cache.s3.conditions import (
+    PRECONDITION_FAILED_MESSAGE,
+    Precondition,
+    evaluate,
+    parse_http_date,
+)
 from s3cache.s3.objectmeta import (
     RESPONSE_OVERRIDES,
     Verdict,
@@ -51,7 +56,7 @@ from s3cache.s3.objectmeta import (
     not_modified_headers,
     object_headers,
 )
-from s3cache.s3.ranges import ByteRange, RangeHeader
+from s3cache.s3.ranges import ByteRange, RangeHeader, unsatisfied_content_range
 from s3cache.sendfile import send_file_range
 from s3cache.store.cache import CacheStore, CacheWriteError
 from s3cache.store.entry import Entry, ObjectMeta
@@ -414,13 +419,13 @@ def response_for(
     precondition = evaluate(request.headers, meta.etag, modified)
     if precondition is Precondition.FAILED:
         count_read(request, CacheOutcome.NOT_MODIFIED)
-        raise PreconditionFailed("At least one of the pre-conditions you specified did not hold")
+        raise PreconditionFailed(PRECONDITION_FAILED_MESSAGE)
     if precondition is Precondition.NOT_MODIFIED:
         return web.Response(status=304, headers=not_modified_headers(meta)), ByteRange(0, -1)
     try:
         byte_range = requested_range(request).resolve(meta.size)
     except InvalidRange as exc:
-        exc.headers["Content-Range"] = f"bytes */{meta.size}"
+        exc.headers["Content-Range"] = unsatisfied_content_range(meta.size)
         raise
     headers = object_headers(
         meta,

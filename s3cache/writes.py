@@ -73,6 +73,7 @@ from s3cache.metrics import (
 )
 from s3cache.s3.addressing import S3Address
 from s3cache.s3.objectmeta import Verdict, check_answer
+from s3cache.singleflight import SingleFlight
 from s3cache.spool import CHECKSUMS, Spool, checksum_headers
 from s3cache.store.cache import CacheStore, CacheWriteError
 from s3cache.store.entry import ObjectMeta
@@ -183,7 +184,7 @@ class Writer:
         self._totals = _Totals()
         self._closing = False
         self._buckets: set[str] = set()  # known to exist upstream
-        self._bucket_checks: dict[str, asyncio.Task[int | None]] = {}
+        self._bucket_checks: SingleFlight[str, int | None] = SingleFlight()
         # Called with (bucket, key) once a write-back object is upstream (the listing
         # cache forgets the bucket's listings: they did not have it).
         self.on_uploaded: list[Callable[[str, str], None]] = []
@@ -297,12 +298,7 @@ class Writer:
         s3:ListBucket) lets the write be acknowledged."""
         if bucket in self._buckets:
             return
-        check = self._bucket_checks.get(bucket)
-        if check is None:
-            check = asyncio.get_running_loop().create_task(self._head_bucket(bucket))
-            self._bucket_checks[bucket] = check
-            check.add_done_callback(lambda _: self._bucket_checks.pop(bucket, None))
-        if await asyncio.shield(check) == 404:
+        if await self._bucket_checks.shared(bucket, lambda: self._head_bucket(bucket)) == 404:
             self._totals.missing_buckets += 1
             raise NoSuchBucket("The specified bucket does not exist", resource=f"/{bucket}")
 

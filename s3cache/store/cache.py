@@ -60,6 +60,7 @@ from s3cache.metrics import (
     DegradedReason,
     labelled,
 )
+from s3cache.singleflight import SingleFlight
 from s3cache.store import files, policy
 from s3cache.store.entry import Entry, ObjectMeta
 from s3cache.store.index import MAIN, SMALL, EntryRow, Index, PendingRow, UploadRow
@@ -165,7 +166,8 @@ class CacheStore:
         self.eviction_rank: Callable[[str, str], float | None] = lambda bucket, key: None
         self.manifests_active: Callable[[], bool] = lambda: False
         self.faults: dict[int, DirFault] = {}  # cache dirs that take no blocks now
-        self._opening: dict[int, asyncio.Future[int | None]] = {}  # fds being opened
+        self._opening: SingleFlight[int, int | None] = SingleFlight()  # fds being opened
+        self._verifying: SingleFlight[tuple[int, int], None] = SingleFlight()  # blocks
         # Called with an entry's id when it can no longer be served whole: dropped,
         # evicted, or a block found damaged (the worker hub tells the secondaries).
         self.on_gone: list[Callable[[int], None]] = []
@@ -531,18 +533,13 @@ class CacheStore:
         """The entry's open file (opened once, whatever the number of callers)."""
         if entry.fd is not None:
             return entry.fd
-        pending = self._opening.get(entry.id)
-        if pending is None:
-            pending = asyncio.get_running_loop().create_future()
-            self._opening[entry.id] = pending
-            fd: int | None = None
-            try:
-                fd = await self._open_file(entry)
-            finally:
-                del self._opening[entry.id]
-                pending.set_result(fd)
-            return fd
-        fd = await asyncio.shield(pending)
+        joined = self._opening.joined(entry.id)
+        if joined is None:
+            with self._opening.lead(entry.id, None) as publish:
+                opened = await self._open_file(entry)
+                publish(opened)
+            return opened
+        fd = await joined
         if fd is None or entry.fd is None:
             raise CacheWriteError(f"cannot open cache file {entry.path}")
         return fd
@@ -817,36 +814,30 @@ class CacheStore:
         entry.verified.clear()
 
     async def _verify_block(self, entry: Entry, block: int) -> None:
-        pending = entry.verifying.get(block)
-        if pending is not None:
-            await asyncio.shield(pending)
-            return
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        entry.verifying[block] = done
+        """Check one block (once, whatever the number of readers asking)."""
+        await self._verifying.run((entry.id, block), lambda: self._check_block(entry, block), None)
+
+    async def _check_block(self, entry: Entry, block: int) -> None:
+        check = (
+            block,
+            entry.block_range(block)[0],
+            entry.block_length(block),
+            entry.blocks[block],
+        )
         try:
-            check = (
-                block,
-                entry.block_range(block)[0],
-                entry.block_length(block),
-                entry.blocks[block],
-            )
-            try:
-                fd = await self.fd(entry)
-            except CacheWriteError:
-                # A dropped entry whose file is gone: nothing of it can be served.
-                entry.blocks.clear()
-                entry.verified.clear()
-                return
-            if block not in entry.blocks:
-                return  # the file was lost and its blocks cleared while opening it
-            bad = await _run(files.corrupt_blocks, fd, [check])
-            if bad:
-                await self.drop_block(entry, block)
-            elif block in entry.blocks:
-                entry.verified.add(block)
-        finally:
-            del entry.verifying[block]
-            done.set_result(None)
+            fd = await self.fd(entry)
+        except CacheWriteError:
+            # A dropped entry whose file is gone: nothing of it can be served.
+            entry.blocks.clear()
+            entry.verified.clear()
+            return
+        if block not in entry.blocks:
+            return  # the file was lost and its blocks cleared while opening it
+        bad = await _run(files.corrupt_blocks, fd, [check])
+        if bad:
+            await self.drop_block(entry, block)
+        elif block in entry.blocks:
+            entry.verified.add(block)
 
     async def drop_block(self, entry: Entry, block: int) -> None:
         """Forget one block whose bytes are damaged."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import math
 import time
 from dataclasses import dataclass
@@ -55,9 +54,7 @@ class Entry:
         "dropped",
         "fd",
         "stamp",
-        "revalidation",
         "verified",
-        "verifying",
         "prefetched",
         "next_offset",
         "window",
@@ -95,11 +92,9 @@ class Entry:
         # fstat of ``fd`` as s3cache last left the file (see ``store.cache``): another
         # value means someone else deleted, truncated or wrote it.
         self.stamp: Stamp | None = None
-        self.revalidation: asyncio.Future[None] | None = None
         # Blocks whose bytes were checked against their hash (or written) by this
         # process: the others are checked once before they are first served.
         self.verified: set[int] = set()
-        self.verifying: dict[int, asyncio.Future[None]] = {}  # checks under way
         # Blocks brought by prefetch and not read yet -> when they landed (monotonic).
         self.prefetched: dict[int, float] = {}
         # Sequential read detection: where the next read would start if sequential,
