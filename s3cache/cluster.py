@@ -52,12 +52,11 @@ from s3cache.errors import ServiceUnavailable
 from s3cache.forward import relay_response, upstream_request
 from s3cache.hashing import ranked
 from s3cache.s3.addressing import S3Address, encode_path, encode_query
-from s3cache.signing import Signer
+from s3cache.signing import PEER_HEADER, Signer
 from s3cache.upstream import _s3_error_in_chain
 
 log = logging.getLogger(__name__)
 
-PEER_HEADER = "X-S3cache-Peer"
 HEALTH_SECONDS = 2.0
 # Nodes started together: the first health checks go out before the peers listen, and
 # a refused connection then says nothing of whether the peer will be up a moment later.

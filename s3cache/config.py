@@ -580,7 +580,8 @@ class Settings:
         1,
         _positive_int,
         "processes serving the port (SO_REUSEPORT): one owns the cache and fills it, the "
-        "others serve its complete objects and pass everything else to it",
+        "others serve its complete objects and pass everything else to it; combines with "
+        "peers",
     )
     debug_blocking: bool = _setting(
         False,
@@ -606,8 +607,6 @@ class Settings:
             raise ConfigError("peers: a cluster needs advertise_url and cluster_secret")
         if self.peers and self.advertise_url and self.advertise_url.rstrip("/") not in self.peers:
             raise ConfigError("advertise_url: must be one of peers")
-        if self.workers > 1 and (self.peers or self.peers_dns):
-            raise ConfigError("workers: several workers per node do not combine with peers yet")
 
     def rule_for(self, bucket: str, key: str) -> CacheRule | None:
         """The cache rule of bucket/key: the longest matching prefix (None: no rule)."""

@@ -41,6 +41,7 @@ from s3cache.s3.addressing import S3Address
 from s3cache.s3.chunked import AwsChunkedDecoder, AwsChunkedError
 from s3cache.s3.objectmeta import announced_length
 from s3cache.s3.sigv4 import ChunkVerifier, VerifiedRequest, chunk_verifier
+from s3cache.signing import CLAIM_HEADERS
 from s3cache.upstream import UNSIGNED_PAYLOAD, OverlongBody, Upstream, UpstreamBroken, iter_body
 
 log = logging.getLogger(__name__)
@@ -61,18 +62,22 @@ HOP_BY_HOP = frozenset(
         "expect",
     }
 )
-# Plus what s3cache sets itself for the upstream. Date and x-amz-date are the client's
-# signing time (every SigV2 request has a Date): s3cache's own signature carries its
-# own time.
-_NOT_FORWARDED_REQUEST = HOP_BY_HOP | {
-    "host",
-    "authorization",
-    "date",
-    "x-amz-date",
-    "x-amz-security-token",
-    "x-amz-content-sha256",
-    "content-length",
-}
+# Plus s3cache's own claims (signing), and what s3cache sets itself for the upstream.
+# Date and x-amz-date are the client's signing time (every SigV2 request has a Date):
+# s3cache's own signature carries its own time.
+_NOT_FORWARDED_REQUEST = (
+    HOP_BY_HOP
+    | CLAIM_HEADERS
+    | {
+        "host",
+        "authorization",
+        "date",
+        "x-amz-date",
+        "x-amz-security-token",
+        "x-amz-content-sha256",
+        "content-length",
+    }
+)
 _NOT_FORWARDED_RESPONSE = HOP_BY_HOP | {"content-length"}
 _SIGNED_STREAMING = (
     "STREAMING-AWS4-HMAC-SHA256-PAYLOAD",

@@ -19,6 +19,13 @@ import time
 from s3cache.errors import AccessDenied
 
 WINDOW = 300.0  # seconds a claim's stamp may be off
+# The headers the claims travel in: a peer node's (``cluster``); a secondary worker's,
+# and the client's address it vouches for (``server.workerlink``). Each is for the hop
+# it was sent on, never passed on further (to the upstream, to a peer).
+PEER_HEADER = "X-S3cache-Peer"
+WORKER_HEADER = "X-S3cache-Worker"
+CLIENT_HEADER = "X-S3cache-Client"
+CLAIM_HEADERS = frozenset(name.lower() for name in (PEER_HEADER, WORKER_HEADER, CLIENT_HEADER))
 
 
 class Signer:

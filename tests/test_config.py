@@ -106,12 +106,6 @@ def test_config_file_from_environment(tmp_path: Path) -> None:
         (["--upstream-addressing", "sideways"], {}, "", "--upstream-addressing"),
         (["--workers", "0"], {}, "", "--workers"),
         (["--scrub-pause", "0s"], {}, "", "--scrub-pause"),
-        (
-            ["--workers", "2", "--peers", "http://a:1", "--advertise-url", "http://a:1"],
-            {"S3CACHE_CLUSTER_SECRET": "s"},
-            "",
-            "workers: several workers per node do not combine with peers",
-        ),
     ],
 )
 def test_bad_values_name_the_setting(
@@ -123,6 +117,12 @@ def test_bad_values_name_the_setting(
         argv = [*argv, "--config", str(config)]
     with pytest.raises(ConfigError, match=named):
         load_settings(flags(*argv), environ=env)
+
+
+def test_workers_combine_with_peers() -> None:
+    argv = ["--workers", "2", "--peers", "http://a:1,http://b:1", "--advertise-url", "http://a:1"]
+    settings = load_settings(flags(*argv), environ={"S3CACHE_CLUSTER_SECRET": "s"})
+    assert (settings.workers, settings.peers) == (2, ("http://a:1", "http://b:1"))
 
 
 def test_bad_value_stops_start_up_with_one_line() -> None:

@@ -168,6 +168,9 @@ async def _peer(request: web.Request, name: str) -> web.StreamResponse:
             # key elsewhere (a DeleteObjects waited for those before: peer/settle): kept.
             if not app[WRITER].pending(change["bucket"], key):
                 await app[FILLER].invalidate(change["bucket"], key)
+        hub = app.get(HUB)
+        if hub is not None:
+            await hub.sync()  # no secondary worker of this node serves what changed
         return web.json_response({"invalidated": len(keys)})
     if name == "settle":
         for key in keys:

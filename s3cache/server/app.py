@@ -101,7 +101,7 @@ async def _components(app: web.Application) -> AsyncIterator[None]:
     await app[MULTIPART].start()
     role = app.get(ROLE)
     if role is not None:
-        hub = app[HUB] = WorkerHub(WorkerSigner(role.secret), store, prefetcher)
+        hub = app[HUB] = WorkerHub(WorkerSigner(role.secret), store, prefetcher, cluster)
         app[READER].on_read = hub.on_read
     try:
         yield

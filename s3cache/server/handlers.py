@@ -217,6 +217,9 @@ async def _forget_copy(app: web.Application, bucket: str, key: str) -> None:
     (that one is uploaded, in order, before anything newer of the key goes from here)."""
     if not app[WRITER].pending(bucket, key):
         await app[FILLER].invalidate(bucket, key)
+        hub = app.get(HUB)
+        if hub is not None:
+            await hub.sync()  # and no secondary worker of this node serves it any more
 
 
 async def _invalidate(app: web.Application, bucket: str, keys: list[str]) -> None:

@@ -5,8 +5,12 @@ verified object, when the primary answers a read of it), tells them at once when
 entry goes (dropped, evicted, invalidated, a block found damaged), and, after a write
 through s3cache, waits until every secondary has stopped serving what the write changed
 (``sync``) before the client hears back: read-after-write holds whichever worker the
-next read reaches. Reads the secondaries served come back in batches and count as reads
-here (LRU order, read-ahead, epoch manifests).
+next read reaches. In a cluster it also tells them, first thing and whenever it
+changes, which node owns which key as this node sees it (``cluster.Ownership``): a
+secondary serves only keys this node owns now, as the primary does (an entry of a key
+whose owner is another node may be older than the owner's). Reads the secondaries
+served come back in batches and count as reads here (LRU order, read-ahead, epoch
+manifests).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from typing import Any
 
 from aiohttp import WSMsgType, web
 
+from s3cache.cluster import Cluster
 from s3cache.prefetch import Prefetcher
 from s3cache.server.workerlink import VIA_WORKER, Ready, WorkerSigner, servable
 from s3cache.store.cache import CacheStore
@@ -52,13 +57,17 @@ class _Channel:
 
 
 class WorkerHub:
-    def __init__(self, signer: WorkerSigner, store: CacheStore, prefetcher: Prefetcher) -> None:
+    def __init__(
+        self, signer: WorkerSigner, store: CacheStore, prefetcher: Prefetcher, cluster: Cluster
+    ) -> None:
         self.signer = signer
         self._store = store
         self._prefetcher = prefetcher
+        self._cluster = cluster
         self._channels: dict[int, _Channel] = {}
         self._sequence = 0
         store.on_gone.append(self.gone)
+        cluster.on_change.append(self.ownership_changed)
 
     # --- the primary's side of the events ------------------------------------------
 
@@ -86,6 +95,13 @@ class WorkerHub:
             if entry_id in channel.announced:
                 channel.announced.discard(entry_id)
                 channel.send({"gone": [entry_id]})
+
+    def ownership_changed(self) -> None:
+        """The primary's view of who owns which key changed: the secondaries take it at
+        once (and serve only the keys this node owns by it)."""
+        message = {"ownership": self._cluster.ownership.to_json()}
+        for channel in self._channels.values():
+            channel.send(message)
 
     async def sync(self) -> None:
         """Return once every secondary has handled every message sent so far."""
@@ -122,6 +138,7 @@ class WorkerHub:
         if old is not None:
             await old.socket.close()
         channel = self._channels[index] = _Channel(index, socket)
+        channel.send({"ownership": self._cluster.ownership.to_json()})  # before any ready
         log.info("worker %d connected", index)
         sender = asyncio.create_task(channel.send_forever())
         try:

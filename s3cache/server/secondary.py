@@ -2,11 +2,14 @@
 
 It shares the port with the primary and serves the reads it can answer alone: a GET or
 HEAD of an object the primary has announced on the channel (complete, every block
-checked, ``workerlink.Ready``) and still fresh by its TTL, signed by a key that may read
-it. Those bytes come straight from the primary's cache file, zero-copy. Every other
-request (misses, writes, listings, admin) goes to the primary over its Unix socket as
-it came, signature and body included, and its answer comes back as it is; the primary
-knows the client's address from the signed ``X-S3cache-Client`` header.
+checked, ``workerlink.Ready``), still fresh by its TTL, of a key this node owns by the
+primary's view of the cluster (``cluster.Ownership``, sent on the channel), signed by a
+key that may read it or by a peer node (the cluster secret, checked here). Those bytes
+come straight from the primary's cache file, zero-copy. Every other request (misses,
+keys other nodes own, writes, listings, admin) goes to the primary over its Unix socket
+as it came, signature and body included (a peer's too: the primary checks it again),
+and its answer comes back as it is; the primary knows the client's address from the
+signed ``X-S3cache-Client`` header.
 
 The primary says when an announced object goes (``gone``) and, after a write, waits
 for this worker to confirm (``sync``) before the writer hears back. Without a channel
@@ -31,6 +34,7 @@ import yarl
 from aiohttp import web
 from multidict import CIMultiDict
 
+from s3cache.cluster import Ownership, PeerSigner
 from s3cache.config import DEFAULT_RULE, LiveSettings, WorkerRole
 from s3cache.errors import AccessDenied, ServiceUnavailable
 from s3cache.forward import HOP_BY_HOP, relay_response
@@ -41,16 +45,16 @@ from s3cache.s3.ranges import ByteRange
 from s3cache.sendfile import send_file_range
 from s3cache.server.admin import ADMIN_PREFIX
 from s3cache.server.auth import Authenticator
+from s3cache.server.handlers import PEER_KEY_ID
 from s3cache.server.keys import AUTH, LIVE_SETTINGS, ROLE, UPSTREAM
 from s3cache.server.middleware import BUCKET, KEY_ID, OPERATION, PROXIED
 from s3cache.server.workerlink import (
     CHANNEL_PATH,
-    CLIENT_HEADER,
-    WORKER_HEADER,
     Ready,
     WorkerSigner,
     unix_path,
 )
+from s3cache.signing import CLIENT_HEADER, WORKER_HEADER
 from s3cache.store import files
 from s3cache.store.entry import stale
 from s3cache.upstream import Upstream, UpstreamBroken
@@ -205,6 +209,8 @@ class Secondary:
         self._live = live
         self._role = role
         self._signer = WorkerSigner(role.secret)
+        self._peers = PeerSigner(live.current.cluster_secret or "")
+        self._ownership: Ownership | None = None  # the primary's, from the channel
         self.replicas = Replicas()
         self._session: aiohttp.ClientSession | None = None
         self._task: asyncio.Task[None] | None = None
@@ -242,7 +248,9 @@ class Secondary:
             return await self.proxy(request)
         assert address.bucket is not None and address.key is not None
         replica = self.replicas.get(address.bucket, address.key)
-        if replica is None:
+        if replica is None or not self._owns(address.bucket, address.key):
+            # A miss, or a key another node owns now (this node's copy may be older
+            # than the owner's): the primary fills it, or asks the owner.
             return await self.proxy(request)
         if stale(replica.ready.validated_at, settings.ttl_for(address.bucket, address.key)):
             return await self.proxy(request)  # the primary revalidates it
@@ -250,12 +258,23 @@ class Secondary:
         request[BUCKET] = address.bucket
         rule = settings.rule_for(address.bucket, address.key)
         request[RULE] = DEFAULT_RULE if rule is None else rule.name
-        request[KEY_ID] = request.app[AUTH].authorize(request, address)
+        request[KEY_ID] = self._key_id(request, address)
         try:
             return await self._serve(request, address, replica)
         except _Stale:
             self.replicas.remove([replica.ready.id])
             return await self.proxy(request)
+
+    def _owns(self, bucket: str, key: str) -> bool:
+        """This node owns the key by the primary's view (none yet: it cannot tell)."""
+        return self._ownership is not None and self._ownership.owner(bucket, key) is None
+
+    def _key_id(self, request: web.Request, address: S3Address) -> str:
+        """Who reads: a peer node (its cluster signature checked here, AccessDenied if
+        bad), or a client key that may read the object."""
+        if self._peers.verify(request):
+            return PEER_KEY_ID
+        return request.app[AUTH].authorize(request, address)
 
     async def _serve(
         self, request: web.Request, address: S3Address, replica: _Replica
@@ -337,6 +356,7 @@ class Secondary:
             except (aiohttp.ClientError, OSError, ValueError) as exc:
                 log.debug("channel to the primary: %s", exc)
             self.replicas.clear()  # nobody tells us what goes any more
+            self._ownership = None
             await asyncio.sleep(RECONNECT_SECONDS)
 
     async def _channel(self) -> None:
@@ -355,6 +375,8 @@ class Secondary:
                     if message.type is not aiohttp.WSMsgType.TEXT:
                         break
                     data = json.loads(message.data)
+                    if "ownership" in data:
+                        self._ownership = Ownership.from_json(data["ownership"])
                     if "ready" in data:
                         self.replicas.add(Ready.from_json(data["ready"]))
                     if "gone" in data:

@@ -8,7 +8,9 @@ requests by the real client, not by the Unix socket they came over.
 
 The channel is a WebSocket from each secondary to the primary, JSON messages:
 
-    primary -> secondary  {"ready": {...}}   an object the secondary may serve itself
+    primary -> secondary  {"ownership": {...}}  who owns which key (``cluster.Ownership``):
+                                             first, then whenever it changes
+                          {"ready": {...}}   an object the secondary may serve itself
                           {"gone": [ids]}    entries it must stop serving
                           {"sync": n}        answer {"ack": n} once all before is done
     secondary -> primary  {"ack": n}
@@ -23,12 +25,10 @@ from typing import Any
 from aiohttp import web
 
 from s3cache.errors import AccessDenied
-from s3cache.signing import Signer
+from s3cache.signing import CLIENT_HEADER, WORKER_HEADER, Signer
 from s3cache.store.entry import Entry, ObjectMeta
 from s3cache.store.files import Stamp
 
-WORKER_HEADER = "X-S3cache-Worker"
-CLIENT_HEADER = "X-S3cache-Client"
 CHANNEL_PATH = "/_s3cache/worker/channel"
 
 # Set on requests that came from a secondary: its index, and the client's address.
