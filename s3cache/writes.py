@@ -183,6 +183,7 @@ class Writer:
         self._changed = asyncio.Condition()
         self._totals = _Totals()
         self._closing = False
+        self._flushes = 0  # flush calls waiting now
         self._buckets: set[str] = set()  # known to exist upstream
         self._bucket_checks: SingleFlight[str, int | None] = SingleFlight()
         # Called with (bucket, key) once a write-back object is upstream (the listing
@@ -231,6 +232,7 @@ class Writer:
             "pending_bytes": self.pending_bytes,
             "oldest_pending_seconds": round(self.oldest_age(), 3),
             "uploading": len(self._uploading),
+            "flushes_waiting": self._flushes,
             "max_bytes": self._max,
             "uploads": totals.uploads,
             "upload_failures": totals.failures,
@@ -263,10 +265,14 @@ class Writer:
             return bucket is None or (pending.bucket == bucket and pending.key.startswith(prefix))
 
         waiting = sum(1 for pending in self._pending.values() if under(pending))
-        async with self._changed:
-            await self._changed.wait_for(
-                lambda: not any(under(pending) for pending in self._pending.values())
-            )
+        self._flushes += 1
+        try:
+            async with self._changed:
+                await self._changed.wait_for(
+                    lambda: not any(under(pending) for pending in self._pending.values())
+                )
+        finally:
+            self._flushes -= 1
         return waiting
 
     def pending(self, bucket: str, key: str) -> bool:

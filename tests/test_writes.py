@@ -107,6 +107,7 @@ def test_flush_returns_once_the_prefix_is_upstream(
     import subprocess
     import sys
     import threading
+    import time
 
     with running_cache(tmp_path, upstream, "--write-rule", f"{bucket}=back") as cached:
         cached.relay.fault = Fault(status=503, match_method="PUT")
@@ -116,7 +117,10 @@ def test_flush_returns_once_the_prefix_is_upstream(
         command = [sys.executable, "-m", "s3cache", "flush", f"s3://{bucket}/run/"]
         command += ["--endpoint", cached.proxy.endpoint_url]
         flushing = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
-        threading.Timer(1.0, lambda: setattr(cached.relay, "fault", None)).start()
+        deadline = time.monotonic() + 30  # the flush waits before the upstream is back
+        while not cached.stats()["writeback"]["flushes_waiting"] and time.monotonic() < deadline:
+            time.sleep(0.02)
+        threading.Timer(0.3, lambda: setattr(cached.relay, "fault", None)).start()
         out, _ = flushing.communicate(timeout=60)
         assert flushing.returncode == 0, out
         assert "5 write-back objects" in out
