@@ -323,7 +323,7 @@ def test_a_secondary_keeps_a_bounded_number_of_files_open(tmp_path: Path) -> Non
     for i in range(MAX_OPEN_FILES + 40):
         path = tmp_path / f"f{i}"
         path.write_bytes(b"x")
-        replicas.add(Ready(i, "b", f"k{i}", str(path), time.time(), meta))
+        replicas.add(Ready(i, "b", f"k{i}", str(path), time.time(), meta, stamp=None))
         replica = replicas.get("b", f"k{i}")
         assert replica is not None
         replica.fd = os.open(path, os.O_RDONLY)
