@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import socket
 import time
@@ -86,6 +87,11 @@ class Ownership:
     self_url: str = ""
     nodes: tuple[str, ...] = ()
     down: frozenset[str] = frozenset()
+    # Since when this node may own keys another node owned meanwhile (this process
+    # started, or a node it would leave them to went down or left): a copy the upstream
+    # confirmed before then may have missed writes made there, and is asked for again
+    # before it is served (``CacheStore.expire_validated_before``).
+    gained_at: float = 0.0
 
     def owner(self, bucket: str, key: str) -> str | None:
         """The node that serves this object: None if it is this one."""
@@ -97,11 +103,24 @@ class Ownership:
         return None
 
     def to_json(self) -> dict[str, Any]:
-        return {"self": self.self_url, "nodes": list(self.nodes), "down": sorted(self.down)}
+        return {
+            "self": self.self_url,
+            "nodes": list(self.nodes),
+            "down": sorted(self.down),
+            "gained_at": self.gained_at,
+        }
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Ownership:
-        return cls(str(data["self"]), tuple(data["nodes"]), frozenset(data["down"]))
+        return cls(
+            str(data["self"]),
+            tuple(data["nodes"]),
+            frozenset(data["down"]),
+            float(data.get("gained_at", 0.0)),
+        )
+
+    def _others_up(self) -> frozenset[str]:
+        return frozenset(self.nodes) - self.down - {self.self_url}
 
 
 class PeerSigner:
@@ -201,7 +220,11 @@ class Cluster:
         """The nodes, or which of them are down, changed: so may the owner of a key."""
         if self.enabled:
             nodes = self._nodes or (self.self_url,)
-            self.ownership = Ownership(self.self_url, nodes, frozenset(self._down))
+            old = self.ownership
+            new = Ownership(self.self_url, nodes, frozenset(self._down), old.gained_at)
+            if not old.nodes or old._others_up() - new._others_up():
+                new = dataclasses.replace(new, gained_at=time.time())  # keys came here
+            self.ownership = new
         for hook in self.on_change:
             hook()
 

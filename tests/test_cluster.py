@@ -451,3 +451,24 @@ def test_a_write_whose_owner_is_down_goes_to_the_next_node(
     # A flush cannot tell what the stopped node holds: it says so.
     status, answer = flush_at(nodes.nodes[sender], bucket, "")
     assert status == 503 and answer["unreachable_nodes"] == [urls[2]]
+
+
+def test_a_node_back_serves_no_copy_older_than_the_writes_made_while_it_was_away(
+    cluster: tuple[Nodes, Relay], bucket: str
+) -> None:
+    """A key's owner stops; its key is written through another node meanwhile (the
+    next node in rendezvous order owns it then). Back, the owner must not serve the
+    copy it had cached before (well within its TTL): it asks the upstream again."""
+    nodes, _ = cluster
+    victim = 2
+    key = owned_by(nodes, bucket, "away/", victim)
+    nodes.clients[0].put_object(Bucket=bucket, Key=key, Body=b"old" * 1000)
+    for client in nodes.clients:
+        assert read(client, bucket, key) == b"old" * 1000  # cached at the owner
+    nodes.nodes[victim].stop()
+    nodes.clients[0].put_object(Bucket=bucket, Key=key, Body=b"new" * 1000)
+    assert read(nodes.clients[1], bucket, key) == b"new" * 1000
+    nodes.nodes[victim].start()
+    wait_until_all_see_each_other(nodes)
+    for client in nodes.clients:
+        assert read(client, bucket, key) == b"new" * 1000

@@ -90,6 +90,10 @@ async def _components(app: web.Application) -> AsyncIterator[None]:
     cluster = Cluster(settings)
     await cluster.start()
     app[CLUSTER] = cluster
+    # What this node cached before it took keys over from another node (at start-up, or
+    # a peer gone) is asked for again before it is served: writes made there meanwhile.
+    store.expire_validated_before(cluster.ownership.gained_at)
+    cluster.on_change.append(lambda: store.expire_validated_before(cluster.ownership.gained_at))
     app[READER] = Reader(live, store, filler, upstream, prefetcher)
     writer = app[WRITER] = Writer(settings, store, upstream, filler)
     await writer.start()

@@ -376,7 +376,14 @@ class Secondary:
                         break
                     data = json.loads(message.data)
                     if "ownership" in data:
-                        self._ownership = Ownership.from_json(data["ownership"])
+                        ownership = Ownership.from_json(data["ownership"])
+                        if self._ownership is not None and (
+                            ownership.gained_at > self._ownership.gained_at
+                        ):
+                            # Copies confirmed before then are the primary's to check
+                            # again: announced anew once it has.
+                            self.replicas.clear()
+                        self._ownership = ownership
                     if "ready" in data:
                         self.replicas.add(Ready.from_json(data["ready"]))
                     if "gone" in data:

@@ -151,6 +151,7 @@ class CacheStore:
         self._scrub_rate = settings.scrub_rate
         self._scrub_pause = settings.scrub_pause  # after a full pass
         self._view: OrderedDict[tuple[str, str], Entry] = OrderedDict()
+        self._expired_before = 0.0  # (expire_validated_before)
         self._view_size = view_size
         self._index_thread = ThreadPoolExecutor(1, thread_name_prefix="s3cache-index")
         self._index: Index | None = None
@@ -339,6 +340,22 @@ class CacheStore:
     def file_at(self, place: tuple[int, str]) -> Path:
         """The path of the file at ``place`` (cache dir number, name)."""
         return files.file_path(self._dirs[place[0]], place[1])
+
+    def expire_validated_before(self, when: float) -> None:
+        """Entries the upstream confirmed before ``when`` are stale from now on, whatever
+        their TTL (``cluster.Ownership.gained_at``): those in memory at once, the
+        index's in the index thread before any later load. Called again with the same
+        time, it does nothing."""
+        if when <= self._expired_before:
+            return
+        self._expired_before = when
+        for entry in self._view.values():
+            if entry.validated_at < when:
+                entry.validated_at = 0.0
+        done = asyncio.get_running_loop().run_in_executor(
+            self._index_thread, self.index.expire_validated_before, when
+        )
+        done.add_done_callback(_log_failure)
 
     def release_file(self, name: str) -> None:
         """A file from ``new_file`` that will not be adopted (removed by its writer)."""
@@ -1262,3 +1279,8 @@ def _close_fd(entry: Entry) -> None:
 
 async def _run(function: Callable[..., T], *args: Any) -> T:
     return await asyncio.get_running_loop().run_in_executor(None, function, *args)
+
+
+def _log_failure(done: asyncio.Future[None]) -> None:
+    if not done.cancelled() and done.exception() is not None:
+        log.error("expiring validated entries in the index failed: %s", done.exception())

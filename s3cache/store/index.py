@@ -416,6 +416,15 @@ class Index:
                 "UPDATE entries SET validated_at = ? WHERE id = ?", (validated_at, entry_id)
             )
 
+    def expire_validated_before(self, when: float) -> None:
+        """Every entry the upstream confirmed before ``when`` is asked for again before
+        it is served (a write-back not uploaded yet is never: its ``validated_at`` is
+        infinite)."""
+        with self._transaction():
+            self._db.execute(
+                "UPDATE entries SET validated_at = 0 WHERE validated_at < ?", (when,)
+            )
+
     def least_recently_used(self, limit: int) -> list[tuple[int, str, str, int, str, int]]:
         """(id, bucket, key, dir, file, present_bytes) of the coldest entries first."""
         return self._db.execute(
