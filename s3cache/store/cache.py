@@ -972,11 +972,13 @@ class CacheStore:
         evicted: they go to the tail of the main FIFO."""
         share = int(self._capacity * policy.SMALL_SHARE)
         small = await self._in_index_thread(self.index.queue_bytes, SMALL)
+        look_all = False  # S3-FIFO decides for as many heads as the bytes to free need
         while self.used + self.reserved > target:
             if self.manifests_active():
                 sorting, full = await self._manifest_sort()
             else:
-                sorting, full = await self._s3fifo_sort(small > share), False
+                need = math.inf if look_all else self.used + self.reserved - target
+                sorting, full = await self._s3fifo_sort(small > share, need), False
             small -= sorting.promoted
             now = time.time()
             moves, evicted = list(sorting.moves), 0
@@ -1000,11 +1002,15 @@ class CacheStore:
             if moves:
                 await self._in_index_thread(self.index.requeue, moves)
             if not evicted and not sorting.moves:
+                if not look_all:
+                    look_all = True  # those heads were in use: decide for all of them
+                    continue
                 return  # nothing at the heads can go now (pinned, kept, or none)
 
-    async def _s3fifo_sort(self, from_small: bool) -> policy.Sorting:
+    async def _s3fifo_sort(self, from_small: bool, need: float) -> policy.Sorting:
         queue, rows = await self._in_index_thread(self._s3fifo_heads, from_small)
-        return policy.sort_heads([policy.Candidate(*row, queue) for row in rows], time.time())
+        heads = [policy.Candidate(*row, queue) for row in rows]
+        return policy.sort_heads(heads, time.time(), need)
 
     async def _manifest_sort(self) -> tuple[policy.Sorting, bool]:
         """Both queues' heads sorted with the manifests' ranks; and whether the main

@@ -83,10 +83,15 @@ class Sorting:
     needed: int = 0  # victims at the end that a manifest needs (evicted last)
 
 
-def sort_heads(heads: Iterable[Candidate], now: float) -> Sorting:
-    """S3-FIFO's decision for each head of a queue: promote, reinsert, or evict."""
+def sort_heads(heads: Iterable[Candidate], now: float, need: float) -> Sorting:
+    """S3-FIFO's decision for the heads of a queue, in order, until the victims hold
+    ``need`` bytes: promote, reinsert, or evict. The heads after those stay untouched
+    (a round that must free a few blocks does not requeue hundreds of entries)."""
     sorting = Sorting([], [])
+    freed = 0
     for head in heads:
+        if freed >= need:
+            break
         if head.queue == SMALL and head.freq > 0:
             sorting.moves.append((MAIN, 0, now, head.id))  # read again: to the main FIFO
             sorting.promoted += head.present
@@ -94,6 +99,7 @@ def sort_heads(heads: Iterable[Candidate], now: float) -> Sorting:
             sorting.moves.append((MAIN, head.freq - 1, now, head.id))  # back to the tail
         else:
             sorting.victims.append(head)
+            freed += head.present
     return sorting
 
 
