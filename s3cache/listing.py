@@ -58,12 +58,17 @@ class _Listing:
 
 
 class ListingCache:
-    def __init__(self, ttl: float, upstream: Upstream) -> None:
+    def __init__(
+        self,
+        ttl: float,
+        upstream: Upstream,
+        pending: Callable[[str, str], Sequence[Listed]] = lambda bucket, prefix: (),
+    ) -> None:
         self._ttl = ttl
         self._upstream = upstream
         self._listings: OrderedDict[tuple[str, ...], _Listing] = OrderedDict()
         # The write-back objects of a bucket not yet upstream, by key prefix.
-        self.pending: Callable[[str, str], Sequence[Listed]] = lambda bucket, prefix: ()
+        self._pending = pending
 
     async def list(self, request: web.Request, address: S3Address) -> web.StreamResponse:
         """Answer a listing from the cache if fresh, else from the upstream (keeping
@@ -73,7 +78,7 @@ class ListingCache:
         params = {name.lower(): value for name, value in address.query}
         pending: Sequence[Listed] = ()
         if not _NOT_MERGED & set(params):
-            pending = self.pending(address.bucket, params.get("prefix", ""))
+            pending = self._pending(address.bucket, params.get("prefix", ""))
         listing = self._listings.get(key)
         if listing is not None and time.monotonic() - listing.stored <= self._ttl:
             self._listings.move_to_end(key)

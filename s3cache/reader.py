@@ -91,6 +91,8 @@ class Reader:
         filler: Filler,
         upstream: Upstream,
         prefetcher: Prefetcher,
+        *,
+        on_read: Callable[[web.Request, Entry], None] | None = None,
     ) -> None:
         self._settings = settings
         self._prefetcher = prefetcher
@@ -100,7 +102,7 @@ class Reader:
         self._admission = Admission()
         # Told of every read answered from an entry, before its body goes out (the
         # worker hub: secondaries may serve the entry from then on).
-        self.on_read: Callable[[web.Request, Entry], None] | None = None
+        self.on_read = on_read
 
     @staticmethod
     def cacheable(request: web.Request, address: S3Address) -> bool:

@@ -167,7 +167,13 @@ class Writer:
     """Write-through and write-back of PutObject, and the write-back uploader."""
 
     def __init__(
-        self, settings: Settings, store: CacheStore, upstream: Upstream, filler: Filler
+        self,
+        settings: Settings,
+        store: CacheStore,
+        upstream: Upstream,
+        filler: Filler,
+        *,
+        on_uploaded: Callable[[str, str], None] | None = None,
     ) -> None:
         self._settings = settings
         self._store = store
@@ -188,7 +194,7 @@ class Writer:
         self._bucket_checks: SingleFlight[str, int | None] = SingleFlight()
         # Called with (bucket, key) once a write-back object is upstream (the listing
         # cache forgets the bucket's listings: they did not have it).
-        self.on_uploaded: list[Callable[[str, str], None]] = []
+        self._on_uploaded = on_uploaded
 
     # --- lifecycle ---------------------------------------------------------------
 
@@ -883,8 +889,8 @@ class Writer:
                 entry = await self._store.lookup(pending.bucket, pending.key)
                 meta = entry.meta if entry is not None else None
         await self._store.uploaded(pending.seq, pending.entry_id, meta)
-        for listener in self.on_uploaded:
-            listener(pending.bucket, pending.key)
+        if self._on_uploaded is not None:
+            self._on_uploaded(pending.bucket, pending.key)
         self._totals.uploads += 1
         WRITEBACK_UPLOADS.inc()
 

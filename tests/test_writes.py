@@ -405,3 +405,25 @@ def test_an_upload_refused_after_acknowledgement_is_counted_logged_once_and_kept
         finally:
             cached.direct.delete_object(Bucket=missing, Key="ckpt/7.pt")
             cached.direct.delete_bucket(Bucket=missing)
+
+
+def test_write_backs_resumed_at_start_up_go_up_once_each(
+    tmp_path: Path, upstream: SeaweedS3, bucket: str
+) -> None:
+    """The journal found at start-up is resumed by one writer: each object pending then
+    is uploaded once (two writers were started, and each uploaded every object)."""
+    import time
+
+    rule = ("--write-rule", f"{bucket}/ckpt/=back")
+    bodies = {f"ckpt/{n}.bin": os.urandom(64 * 1024) for n in range(4)}
+    with running_cache(tmp_path, upstream, *rule) as cached:
+        cached.relay.fault = Fault(status=503, match_method="PUT")  # nothing goes up
+        for key, body in bodies.items():
+            cached.client.put_object(Bucket=bucket, Key=key, Body=body)
+        assert cached.stats()["writeback"]["pending_objects"] == len(bodies)
+    with running_cache(tmp_path, upstream, *rule) as cached:
+        _wait_drained(cached)
+        time.sleep(1.0)  # an upload of another writer would have reached the relay
+        assert cached.relay.count("PUT") == len(bodies)
+        for key, body in bodies.items():
+            assert cached.direct.get_object(Bucket=bucket, Key=key)["Body"].read() == body

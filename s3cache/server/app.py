@@ -85,7 +85,6 @@ async def _components(app: web.Application) -> AsyncIterator[None]:
     app[STORE] = store
     app[FILLER] = filler
     app[PREFETCHER] = prefetcher
-    app[LISTINGS] = ListingCache(settings.list_cache_ttl, upstream)
     app[AUTH] = Authenticator(live, upstream)
     cluster = Cluster(settings)
     await cluster.start()
@@ -94,19 +93,28 @@ async def _components(app: web.Application) -> AsyncIterator[None]:
     # a peer gone) is asked for again before it is served: writes made there meanwhile.
     store.expire_validated_before(cluster.ownership.gained_at)
     cluster.on_change.append(lambda: store.expire_validated_before(cluster.ownership.gained_at))
-    app[READER] = Reader(live, store, filler, upstream, prefetcher)
-    writer = app[WRITER] = Writer(settings, store, upstream, filler)
-    await writer.start()
-    writer = app[WRITER] = Writer(settings, store, upstream, filler)
-    app[LISTINGS].pending = writer.pending_keys
-    writer.on_uploaded.append(lambda bucket, _key: app[LISTINGS].invalidate(bucket))
+    role = app.get(ROLE)
+    hub = None
+    if role is not None:
+        hub = app[HUB] = WorkerHub(WorkerSigner(role.secret), store, prefetcher, cluster)
+    app[READER] = Reader(
+        live, store, filler, upstream, prefetcher, on_read=None if hub is None else hub.on_read
+    )
+    # The listing cache and the write-back each tell the other something: the objects
+    # not upstream yet (listed), and when one got there (its bucket's listings go).
+    writer = app[WRITER] = Writer(
+        settings,
+        store,
+        upstream,
+        filler,
+        on_uploaded=lambda bucket, _key: listings.invalidate(bucket),
+    )
+    listings = app[LISTINGS] = ListingCache(
+        settings.list_cache_ttl, upstream, pending=writer.pending_keys
+    )
     await writer.start()
     app[MULTIPART] = Multipart(store, upstream, writer, settings.cache_dirs)
     await app[MULTIPART].start()
-    role = app.get(ROLE)
-    if role is not None:
-        hub = app[HUB] = WorkerHub(WorkerSigner(role.secret), store, prefetcher, cluster)
-        app[READER].on_read = hub.on_read
     try:
         yield
     finally:
