@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import math
 import os
 import platform
 import statistics
@@ -227,7 +228,10 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, list[dict[str, float]]] = {mode: [] for mode in modes}
     with tempfile.TemporaryDirectory(prefix="s3cache-bench-") as tmp:
         work = Path(tmp)
-        with SeaweedS3(work / "seaweed") as upstream:
+        # Room upstream for every mode's copy of every run (deleted objects' space is
+        # not given back at once): volumes of 100 MB.
+        volumes = 30 + args.runs * len(modes) * math.ceil(args.size / 100e6)
+        with SeaweedS3(work / "seaweed", volumes=volumes) as upstream:
             link = Link(upstream.endpoint_url, args.delay_ms / 1000, args.bandwidth)
             try:
                 for run in range(args.runs):

@@ -243,8 +243,11 @@ class SeaweedS3:
         access_key: str = DEFAULT_ACCESS_KEY,
         secret_key: str = DEFAULT_SECRET_KEY,
         region: str = DEFAULT_REGION,
+        volumes: int = 30,
     ) -> None:
+        """``volumes``: how many volumes of 100 MB it may make (what it can store)."""
         self.workdir = Path(workdir).absolute()
+        self._volumes = volumes
         self.access_key = access_key
         self.secret_key = secret_key
         self.region = region
@@ -381,7 +384,7 @@ class SeaweedS3:
             "-master.volumeSizeLimitMB=100",
             f"-volume.port={ports.volume}",
             f"-volume.port.grpc={ports.volume + g}",
-            "-volume.max=30",
+            f"-volume.max={self._volumes}",
             "-filer",
             f"-filer.port={ports.filer}",
             f"-filer.port.grpc={ports.filer + g}",
