@@ -261,3 +261,52 @@ def test_with_a_manifest_what_nobody_needs_is_evicted_first(
         finally:
             _drop_bucket(cached, scan)
     assert missed == []
+
+
+def test_the_manifest_read_slower_loses_its_entries_first_at_equal_items_ahead(
+    tmp_path: Path, upstream: SeaweedS3, bucket: str
+) -> None:
+    """Belady in time, not in items: two manifests of 28 objects (the next epoch the
+    same, so all stay needed), both read up to item 12, one in a burst, the other over
+    6 s. A 64-block cache (watermarks 0.9 / 0.8) holding both, two objects in no
+    manifest start an eviction down to 51 blocks: they go, then 5 entries the manifests
+    need. The items ahead are the same in both (the same positions), so the slow one's
+    are needed later: its 5 furthest go, none of the fast one's (the fast one's entries
+    are the older, the ones a tie would take)."""
+    watermarks = ("--cache-high-watermark", "0.9", "--cache-low-watermark", "0.8")
+    with running_cache(tmp_path, upstream, *watermarks, cache_size=f"{64 * BLOCK}") as cached:
+        fast = _other_bucket(cached, bucket, "fast")
+        slow = _other_bucket(cached, bucket, "slow")
+        other = _other_bucket(cached, bucket, "other")
+        try:
+            keys = [f"k{n:02d}" for n in range(28)]
+            for name in (fast, slow):
+                for key in keys:
+                    put(cached, name, key, BLOCK)
+            for key in ("x0", "x1"):
+                put(cached, other, key, BLOCK)
+            for name in (fast, slow):  # 56 blocks, no eviction; the fast one's first
+                for key in keys:
+                    get(cached.client, name, key)
+            for name in (fast, slow):
+                submit_epoch(cached.proxy.endpoint_url, name, keys)
+                submit_epoch(cached.proxy.endpoint_url, name, keys, append=True)
+            for key in keys[:12]:  # 2 items a second
+                get(cached.client, slow, key)
+                time.sleep(0.5)
+            for key in keys[:12]:  # at once
+                get(cached.client, fast, key)
+            for key in ("x0", "x1"):  # 58 blocks: evict down to 51
+                get(cached.client, other, key)
+            _wait_for_eviction(cached, 52 * BLOCK)
+            evictions = cached.stats()["evictions"]
+            cached.relay.reset()
+            for key in keys:
+                get(cached.client, fast, key)
+            cached.settle()
+            missed = sorted(r.path for r in cached.gets())
+        finally:
+            for name in (fast, slow, other):
+                _drop_bucket(cached, name)
+    assert evictions == 7
+    assert missed == []  # the 5 needed entries evicted were the slow manifest's
