@@ -7,6 +7,7 @@ import logging
 import signal
 import ssl
 from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
@@ -41,6 +42,9 @@ from s3cache.server.workerlink import WorkerSigner, unix_path
 from s3cache.store.cache import CacheStore
 from s3cache.upstream import Upstream
 from s3cache.writes import Writer
+
+if TYPE_CHECKING:
+    from blockbuster import BlockBuster
 
 log = logging.getLogger(__name__)
 
@@ -164,10 +168,11 @@ async def serve(
         log.info("s3cache listening on %s://%s:%d", "https" if tls else "http", host, port)
     if role is not None and role.primary:
         await web.UnixSite(runner, unix_path(role.primary_url), backlog=LISTEN_BACKLOG).start()
+    buster = None
     if settings.debug_blocking:
         # Start-up may block (reading AWS config files, opening the index); serving
         # must not.
-        _fail_on_blocking_calls()
+        buster = _fail_on_blocking_calls()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -180,6 +185,9 @@ async def serve(
     finally:
         log.info("stopping: draining in-flight requests")
         await runner.cleanup()
+        if buster is not None:
+            # Served: the loop's own shutdown (joining the executor's threads) blocks.
+            buster.deactivate()
 
 
 def _tls_context(settings: Settings) -> ssl.SSLContext | None:
@@ -215,7 +223,7 @@ async def _reload(live: LiveSettings, reload: Callable[[], Settings]) -> None:
         )
 
 
-def _fail_on_blocking_calls() -> None:
+def _fail_on_blocking_calls() -> BlockBuster:
     """Make every blocking call (file I/O, SQLite, sleep…) that s3cache's own code
     makes on the event loop raise BlockingError. Tests run s3cache this way."""
     from blockbuster import BlockBuster
@@ -230,3 +238,4 @@ def _fail_on_blocking_calls() -> None:
     buster.functions["os.sendfile"].can_block_in("s3cache/sendfile.py", "_sendfile_now")
     buster.activate()
     log.info("debug_blocking: blocking calls on the event loop will raise")
+    return buster
