@@ -155,6 +155,12 @@ def cached(tmp_path: Path, upstream: SeaweedS3) -> Iterator[Cached]:
         "warning",
         "--access-log",
         "off",
+        # Evicting in batches of a tenth of the cache (not the default's 1%) keeps fills
+        # going all through the run: the kills must land mid-fill.
+        "--cache-high-watermark",
+        "0.9",
+        "--cache-low-watermark",
+        "0.8",
         cache_size=str(CACHE_SIZE),
     ) as cached:
         yield cached
