@@ -462,7 +462,8 @@ class Multipart:
 
         async def assemble() -> tuple[tuple[int, str], Path, dict[int, int]]:
             upload.completing = True  # no part goes into the shared file any more
-            await upload.quiet.wait() if upload.writing else None
+            if upload.writing:
+                await upload.quiet.wait()
             stride = upload.stride
             block_size = self._store.block_size
             in_place = upload.shared is not None and all(
@@ -476,21 +477,19 @@ class Multipart:
             else:
                 directory, name, target = self._store.new_file(upload.bucket, upload.key)
                 offsets = list(itertools.accumulate((part.size for part in parts), initial=0))
-            moves = [
-                (part.path, part.offset, part.size, offset)
-                for part, offset in zip(parts, offsets, strict=False)
-                if not (part.shared and in_place and part.offset == offset)
-            ]
-            size = sum(part.size for part in parts)
+            moves = []
             blocks: dict[int, int] = {}
             for part, offset in zip(parts, offsets, strict=False):
-                if part.shared and in_place and part.offset == offset:
-                    last = part is parts[-1]
-                    blocks.update(
-                        (index, value)
-                        for index, value in part.blocks.items()
-                        if last or (index + 1) * block_size <= offset + part.size
-                    )
+                if not (in_place and part.shared and part.offset == offset):
+                    moves.append((part.path, part.offset, part.size, offset))
+                    continue
+                last = part is parts[-1]  # (its last block may be partial)
+                blocks.update(
+                    (index, value)
+                    for index, value in part.blocks.items()
+                    if last or (index + 1) * block_size <= offset + part.size
+                )
+            size = sum(part.size for part in parts)
             try:
                 blocks = await asyncio.get_running_loop().run_in_executor(
                     None, _assemble, target, moves, size, block_size, blocks, durable
